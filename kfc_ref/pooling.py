@@ -19,7 +19,10 @@ def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
     if window > size:
         raise ValueError(f"pooling window {window} is larger than the input size {size}")
     steps = (size - window) / stride
-    return (math.ceil(steps) if ceil_mode else math.floor(steps)) + 1
+    out = (math.ceil(steps) if ceil_mode else math.floor(steps)) + 1
+    if (out - 1) * stride >= size:      # ceil mode: a last window must start inside the input
+        out -= 1
+    return out
 
 
 class _Pool(Layer):

@@ -1,0 +1,72 @@
+"""im2col / col2im (Eq. 25, 29): loop twin, exact adjoint, output size, homogeneous column."""
+import numpy as np
+import pytest
+from hypothesis import given
+
+from kfc_ref.expand import ConvGeometry, col2im, expand_homogeneous, im2col, output_size
+from kfc_ref.reference import im2col_loops
+from strategies import conv_cases, seeds, normal
+
+# Both sides sum the same float64 products in a different order: the difference is at most
+# ~(number of terms) * 2.2e-16 * sum|terms|, below 1e-12 * sum|terms| for these sizes.
+EXACT_RTOL = 1e-12
+
+
+def _geom(c):
+    return ConvGeometry(c["kh"], c["kw"], c["stride"], c["padding"], c["dilation"])
+
+
+@given(conv_cases(), seeds)
+def test_im2col_equals_loop_twin(case, seed):
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    fast = im2col(x, _geom(case))
+    slow = im2col_loops(x, case["kh"], case["kw"], case["stride"], case["padding"],
+                        case["dilation"])
+    np.testing.assert_array_equal(fast, slow)   # pure copies: bit-exact
+
+
+@given(conv_cases(), seeds)
+def test_col2im_is_exact_adjoint(case, seed):
+    geom = _geom(case)
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    cols = im2col(x, geom)
+    y = normal(seed + 1, *cols.shape)
+    lhs = float(np.sum(cols * y))
+    rhs = float(np.sum(x * col2im(y, x.shape, geom)))
+    # Summation round-off is bounded by (number of terms) * u * sum |terms|.
+    assert abs(lhs - rhs) <= EXACT_RTOL * float(np.sum(np.abs(cols * y))) + 1e-300
+
+
+@given(conv_cases())
+def test_output_size_matches_loop_twin(case):
+    geom = _geom(case)
+    ho, wo = geom.output_shape(case["h"], case["w"])
+    x = np.zeros((1, 1, case["h"], case["w"]))
+    assert im2col_loops(x, case["kh"], case["kw"], case["stride"], case["padding"],
+                        case["dilation"]).shape[1] == ho * wo
+    assert ho == output_size(case["h"], case["kh"], case["stride"], case["padding"],
+                             case["dilation"])
+
+
+def test_homogeneous_column_is_all_ones_also_at_the_border():
+    x = np.zeros((2, 1, 3, 3))           # all-zero input: every patch entry is 0
+    A_H = expand_homogeneous(im2col(x, ConvGeometry(3, 3, padding=1)))
+    assert A_H.shape == (2, 9, 10)
+    np.testing.assert_array_equal(A_H[:, :, 0], 1.0)
+    np.testing.assert_array_equal(A_H[:, :, 1:], 0.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kh=0, kw=3), "kernel height"),
+    (dict(kh=3, kw=3, stride=0), "stride"),
+    (dict(kh=3, kw=3, padding=-1), "padding"),
+    (dict(kh=3, kw=3, dilation=0), "dilation"),
+])
+def test_bad_geometry_is_rejected_with_the_argument_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvGeometry(**kwargs)
+
+
+def test_kernel_larger_than_padded_input_is_rejected():
+    with pytest.raises(ValueError, match="larger than the padded input 4x4"):
+        ConvGeometry(5, 5, padding=1).output_shape(2, 2)

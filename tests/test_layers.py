@@ -1,0 +1,117 @@
+"""Every layer: forward against a slow twin, backward against centred finite differences,
+over hypothesis-drawn geometries (float64)."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from kfc_ref.layers import Context, Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
+from kfc_ref.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.reference import conv2d_loops, pool_loops, response_norm_loops
+from finite_differences import assert_vjp_matches
+from strategies import conv_cases, distinct, normal, pool_cases, seeds
+
+# Same float64 products summed in another order (fast GEMM vs loops).
+FORWARD_RTOL = 1e-12
+
+
+def _conv(case):
+    return Conv2d(case["j"], case["i"], (case["kh"], case["kw"]), case["stride"],
+                  case["padding"], case["dilation"])
+
+
+@given(conv_cases(), seeds)
+def test_conv_forward_equals_loops(case, seed):
+    layer = _conv(case)
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    W_bar = normal(seed + 1, *layer.param_shape)
+    out, _ = layer.forward(x, W_bar)
+    W = W_bar[:, 1:].reshape(case["i"], case["j"], case["kh"], case["kw"])
+    ref = conv2d_loops(x, W, W_bar[:, 0], case["stride"], case["padding"], case["dilation"])
+    np.testing.assert_allclose(out, ref, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+
+
+@given(conv_cases(max_batch=2, max_size=6), seeds)
+def test_conv_backward_matches_finite_differences(case, seed):
+    layer = _conv(case)
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    W = normal(seed + 1, *layer.param_shape)
+    out, cache = layer.forward(x, W)
+    dout = normal(seed + 2, *out.shape)
+    dx, dW = layer.backward(dout, cache, W)
+    assert_vjp_matches(lambda z: layer.forward(z, W)[0], x, dout, dx, seed)
+    assert_vjp_matches(lambda w: layer.forward(x, w)[0], W, dout, dW, seed)
+
+
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), seeds)
+def test_dense_forward_and_backward(n, j, i, seed):
+    layer = Dense(j, i)
+    x, W = normal(seed, n, j), normal(seed + 1, i, j + 1)
+    out, cache = layer.forward(x, W)
+    np.testing.assert_allclose(out, x @ W[:, 1:].T + W[:, 0], rtol=FORWARD_RTOL)
+    dout = normal(seed + 2, n, i)
+    dx, dW = layer.backward(dout, cache, W)
+    assert_vjp_matches(lambda z: layer.forward(z, W)[0], x, dout, dx, seed)
+    assert_vjp_matches(lambda w: layer.forward(x, w)[0], W, dout, dW, seed)
+
+
+@pytest.mark.parametrize("layer, fn", [
+    (ReLU(), lambda x: np.maximum(x, 0)), (Tanh(), np.tanh), (Identity(), lambda x: x)])
+@given(seed=seeds)
+def test_elementwise_forward_and_backward(layer, fn, seed):
+    x = distinct(seed, 2, 3, 4, 4)        # no entry within 0.025 of the ReLU kink
+    out, cache = layer.forward(x)
+    np.testing.assert_array_equal(out, fn(x))
+    dout = normal(seed, *x.shape)
+    dx, _ = layer.backward(dout, cache)
+    assert_vjp_matches(lambda z: layer.forward(z)[0], x, dout, dx, seed)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@given(case=pool_cases(), seed=seeds)
+def test_pooling_forward_and_backward(kind, case, seed):
+    cls = MaxPool2d if kind == "max" else AvgPool2d
+    layer = cls(case["size"], case["stride"], case["ceil_mode"])
+    x = distinct(seed, case["n"], case["c"], case["h"], case["w"])   # no max-pool ties
+    out, cache = layer.forward(x)
+    ref = pool_loops(x, case["size"], case["stride"], case["ceil_mode"], kind)
+    np.testing.assert_allclose(out, ref, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+    assert out.shape[1:] == layer.output_shape(x.shape[1:])
+    dout = normal(seed, *out.shape)
+    dx, _ = layer.backward(dout, cache)
+    assert_vjp_matches(lambda z: layer.forward(z)[0], x, dout, dx, seed)
+
+
+def test_cuda_convnet_pool_sizes():
+    """Overlapping 3x3 stride-2 pools with partial border windows: 32 -> 16 -> 8 -> 4."""
+    shapes = [(1, 32, 32)]
+    for _ in range(3):
+        shapes.append(MaxPool2d(3, 2, ceil_mode=True).output_shape(shapes[-1]))
+    assert [s[1] for s in shapes] == [32, 16, 8, 4]
+
+
+@given(size=st.integers(1, 4), seed=seeds)
+def test_response_norm_forward_and_backward(size, seed):
+    # A large scale makes the normaliser matter (5e-5 would hide a wrong derivative term).
+    layer = ResponseNorm(size, scale=2.0, power=0.75)
+    x = normal(seed, 2, 2, 5, 4)
+    out, cache = layer.forward(x)
+    np.testing.assert_allclose(out, response_norm_loops(x, size, 2.0, 0.75),
+                               rtol=FORWARD_RTOL)
+    dout = normal(seed + 1, *x.shape)
+    dx, _ = layer.backward(dout, cache)
+    assert_vjp_matches(lambda z: layer.forward(z)[0], x, dout, dx, seed)
+
+
+def test_flatten_and_dropout():
+    x = normal(0, 2, 3, 2, 2)
+    out, cache = Flatten().forward(x)
+    assert out.shape == (2, 12)
+    np.testing.assert_array_equal(Flatten().backward(out, cache)[0], x)
+    drop = Dropout(0.5)
+    y, mask = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
+    assert set(np.unique(mask)) <= {0.0, 2.0}
+    np.testing.assert_array_equal(y, x * mask)
+    np.testing.assert_array_equal(drop.backward(x, mask)[0], x * mask)
+    np.testing.assert_array_equal(drop.forward(x)[0], x)          # evaluation: identity
+    y2, _ = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
+    np.testing.assert_array_equal(y, y2)                          # same seed, same mask
