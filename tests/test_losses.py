@@ -1,0 +1,47 @@
+"""Softmax cross-entropy: gradient, stability, and sampling from the predictive distribution."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from kfc_ref.losses import (classification_error, cross_entropy, sample_targets, softmax,
+                            softmax_cross_entropy)
+from finite_differences import assert_vjp_matches
+from strategies import normal, seeds
+
+# A frequency from n Bernoulli(p) draws has standard deviation sqrt(p(1-p)/n); 5 of them bound a
+# fixed-seed draw with huge margin while still catching a wrong distribution (e.g. off by 0.02).
+SAMPLING_SIGMAS = 5.0
+
+
+@given(st.integers(1, 5), st.integers(2, 6), seeds)
+def test_gradient_matches_finite_differences(n, c, seed):
+    z, y = normal(seed, n, c) * 3, np.random.default_rng(seed).integers(0, c, n)
+    loss, dz = softmax_cross_entropy(z, y)
+    np.testing.assert_allclose(loss, cross_entropy(z, y).mean(), rtol=1e-14)
+    assert_vjp_matches(lambda q: softmax_cross_entropy(q, y)[0], z, 1.0, dz, seed)
+
+
+def test_large_logits_are_stable():
+    z = np.array([[1000.0, 0.0, -1000.0]])
+    loss, dz = softmax_cross_entropy(z, np.array([0]))
+    assert np.isfinite(loss) and loss < 1e-12 and np.all(np.isfinite(dz))
+
+
+def test_sampled_frequencies_match_the_softmax():
+    n = 40_000
+    z = np.tile(np.array([[0.3, -1.0, 2.0, 0.0]]), (n, 1))
+    labels = sample_targets(z, np.random.default_rng(123))
+    freq = np.bincount(labels, minlength=4) / n
+    p = softmax(z[0])
+    bound = SAMPLING_SIGMAS * np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= bound), (freq, p, bound)
+    again = sample_targets(z, np.random.default_rng(123))
+    np.testing.assert_array_equal(labels, again)       # same seed, same labels
+
+
+def test_sampling_requires_a_generator_and_labels_are_checked():
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        sample_targets(np.zeros((2, 3)), 0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(2,\)"):
+        softmax_cross_entropy(np.zeros((2, 3)), np.zeros(3, dtype=int))
+    assert classification_error(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 0])) == 0.5

@@ -1,0 +1,88 @@
+"""Sequential: whole-network gradient with every layer type, flat-vector order, records."""
+import numpy as np
+import pytest
+from hypothesis import given
+
+from kfc_ref.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
+from kfc_ref.losses import softmax_cross_entropy
+from kfc_ref.models import build_model, cifar10_convnet, small_convnet, tiny_convnet
+from kfc_ref.network import Sequential
+from kfc_ref.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from finite_differences import FD_RTOL, directional_fd
+from strategies import seeds
+
+
+def every_layer_net():
+    """One of each layer type, tiny: conv (stride 2) -> max-pool -> ReLU -> rnorm -> conv ->
+    tanh -> avg-pool -> dropout -> flatten -> dense."""
+    return Sequential([
+        Conv2d(2, 3, 3, stride=1, padding=1), MaxPool2d(3, 2, ceil_mode=True), ReLU(),
+        ResponseNorm(3, 1.0, 0.75), Conv2d(3, 4, 2, stride=1, padding=1), Tanh(),
+        AvgPool2d(3, 2, ceil_mode=True), Dropout(0.3), Flatten(), Dense(16, 5)], (2, 7, 7))
+
+
+@given(seed=seeds)
+def test_whole_network_gradient_matches_finite_differences(seed):
+    net = every_layer_net()
+    params = net.init(seed, "float64")
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(3, 2, 7, 7)), rng.integers(0, 5, 3)
+    # Dropout in training mode with a fixed mask: re-seed the generator on every call.
+    def loss_at(theta):
+        tape = net.forward(net.unflatten(theta), x, train=True,
+                           rng=np.random.default_rng(seed))
+        return float(softmax_cross_entropy(tape.output, y)[0])
+    _, grads, _ = net.loss_and_grads(params, x, y, train=True,
+                                     rng=np.random.default_rng(seed))
+    theta, g = net.flatten(params), net.flatten(grads)
+    v = rng.normal(size=theta.shape)
+    fd, an = directional_fd(loss_at, theta, v), float(g @ v)
+    assert abs(fd - an) <= FD_RTOL * max(1.0, abs(an))
+
+
+def test_flat_vector_is_column_stacking_and_round_trips():
+    net = tiny_convnet()
+    params = net.init(0, "float64")
+    theta = net.flatten(params)
+    assert theta.shape == (net.num_params,)
+    first = params[net.param_layers[0]]
+    np.testing.assert_array_equal(theta[:first.size], first.ravel(order="F"))
+    back = net.unflatten(theta)
+    for a, b in zip(params, back):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    with pytest.raises(ValueError, match="theta must have shape"):
+        net.unflatten(theta[:-1])
+
+
+def test_records_hold_patches_and_per_example_derivatives():
+    """DS of the mean-loss backward times N equals the per-example loss derivative."""
+    net = tiny_convnet()
+    params = net.init(1, "float64")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 1, 6, 6)), rng.integers(0, 3, 4)
+    tape = net.forward(params, x)
+    _, dlogits = softmax_cross_entropy(tape.output, y)
+    _, douts = net.backward(params, tape, dlogits)
+    records = net.records(tape, douts)
+    assert [r.layer_index for r in records] == net.param_layers
+    # Example 0 alone: its loss gradient w.r.t. the last layer's pre-activation is p - onehot.
+    single = net.forward(params, x[:1])
+    _, d0 = softmax_cross_entropy(single.output, y[:1])
+    np.testing.assert_allclose(records[-1].DS[0, 0], d0[0], rtol=1e-12)
+    assert records[0].A_H.shape == (4, 36, 10)
+    np.testing.assert_array_equal(records[0].A_H[:, :, 0], 1.0)
+
+
+def test_seeded_init_is_reproducible_and_models_have_the_documented_shapes():
+    a = cifar10_convnet().init(3)
+    b = cifar10_convnet().init(3)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b) if p is not None)
+    net = cifar10_convnet()
+    assert [s[1] for s in net.shapes if len(s) == 3][::1][:1] == [32]
+    spatial = [s[1:] for s in net.shapes if len(s) == 3]
+    assert (16, 16) in spatial and (8, 8) in spatial and spatial[-1] == (4, 4)
+    assert small_convnet((1, 8, 8)).shapes[-1] == (10,)
+    assert build_model("small", (1, 28, 28), 10).shapes[-1] == (10,)
+    assert build_model("small", (3, 32, 32), 10).shapes[-1] == (10,)
+    with pytest.raises(ValueError, match="arch='nope' is not supported"):
+        build_model("nope", (1, 8, 8), 10)
