@@ -111,9 +111,12 @@ class Conv2d(Layer):
                              f"{self.param_shape} (I, 1 + J*kh*kw)")
 
     def _linear(self, patches, W, n, ho, wo):
+        """S = [[A]] W^T + 1 b^T, computed per example as W (J|Delta| x |T| columns) so that
+        every GEMM reads contiguous memory; returns (N, I, Ho, Wo)."""
         xp = get_xp(patches, W)
-        s = patches @ xp.transpose(W[:, 1:]) + W[:, 0]          # (N, |T|, I)
-        return xp.transpose(s.reshape(n, ho, wo, -1), (0, 3, 1, 2))
+        cols = xp.transpose(patches, (0, 2, 1))                  # (N, J|Delta|, |T|)
+        s = W[:, 1:] @ cols + W[:, 0][:, None]                   # (N, I, |T|)
+        return s.reshape(n, -1, ho, wo)
 
     def forward(self, x, W=None, ctx=None):
         self._check(x, W)
@@ -127,7 +130,7 @@ class Conv2d(Layer):
         """DS per example: (N, I, Ho, Wo) -> (N, |T|, I)."""
         xp = get_xp(dout)
         n, i = dout.shape[:2]
-        return xp.transpose(dout, (0, 2, 3, 1)).reshape(n, -1, i)
+        return xp.transpose(dout.reshape(n, i, -1), (0, 2, 1))
 
     @staticmethod
     def patches(cache):
@@ -135,17 +138,16 @@ class Conv2d(Layer):
         return cache[0]
 
     def backward(self, dout, cache, W=None):
-        """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(DS W) (Eq. 27)."""
+        """dW_bar = sum_n DS_n^T [[A_n]]_H (Eq. 28); dx = col2im(DS W) (Eq. 27)."""
         xp = get_xp(dout, W)
         patches, in_shape = cache
-        ds = self.derivatives(dout)                          # (N, |T|, I)
-        i = ds.shape[2]
-        ds2 = ds.reshape(-1, i)
+        n, i = dout.shape[:2]
+        ds = dout.reshape(n, i, -1)                              # (N, I, |T|)
         dW = xp.empty(W.shape, dtype=W.dtype)
-        dW[:, 0] = xp.sum(ds2, axis=0)
-        dW[:, 1:] = xp.transpose(ds2) @ patches.reshape(ds2.shape[0], -1)
-        dx = col2im(ds @ W[:, 1:], in_shape, self.geom)
-        return dx, dW
+        dW[:, 0] = xp.sum(ds, axis=(0, 2))
+        dW[:, 1:] = xp.sum(ds @ patches, axis=0)                 # N GEMMs (I x |T|)(|T| x K)
+        dcols = xp.transpose(W[:, 1:]) @ ds                      # (N, J|Delta|, |T|)
+        return col2im(xp.transpose(dcols, (0, 2, 1)), in_shape, self.geom), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
         """d s = [[dx]] W^T + [[A]]_H dW_bar^T (bilinear in input and parameters)."""
@@ -157,8 +159,9 @@ class Conv2d(Layer):
             out = self._linear(patches, dW, n, ho, wo)
         if dx is not None:
             xp = get_xp(dx, W)
-            ds = im2col(dx, self.geom) @ xp.transpose(W[:, 1:])
-            ds = xp.transpose(ds.reshape(n, ho, wo, -1), (0, 3, 1, 2))
+            zero_bias = xp.zeros(W.shape, dtype=W.dtype)
+            zero_bias[:, 1:] = W[:, 1:]
+            ds = self._linear(im2col(dx, self.geom), zero_bias, n, ho, wo)
             out = ds if out is None else out + ds
         return out
 
