@@ -96,6 +96,14 @@ class Sequential:
     def num_params(self) -> int:
         return sum(s[0] * s[1] for _, s in self.param_sizes())
 
+    def param_slices(self) -> list[slice]:
+        """Slice of the flat vector holding vec(W_bar_l), one per parametric layer, in order."""
+        slices, offset = [], 0
+        for _, (rows, cols) in self.param_sizes():
+            slices.append(slice(offset, offset + rows * cols))
+            offset += rows * cols
+        return slices
+
     def flatten(self, params):
         """theta = concat_l vec(W_bar_l) (column stacking), shape (P,)."""
         xp = get_xp(*[params[i] for i in self.param_layers])
@@ -201,6 +209,15 @@ class Sequential:
         _, dlogits = softmax_cross_entropy(tape.output, y_model)
         _, douts = self.backward(params, tape, dlogits)
         return self.records(tape, douts)
+
+    def layer_inputs(self, params, x) -> list:
+        """The input of every layer (evaluation mode): inputs[l] has shape (N, *shapes[l])."""
+        self._check_params(params)
+        inputs, h = [], x
+        for layer, W in zip(self.layers, params):
+            inputs.append(h)
+            h, _ = layer.forward(h, W, Context())
+        return inputs
 
     def predict_logits(self, params, x, batch_size: int = 1000):
         """Logits in evaluation mode, computed in chunks of ``batch_size`` examples."""
