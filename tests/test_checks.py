@@ -1,0 +1,131 @@
+"""The `python -m kfc_ref check` command, run in-process: exit codes, JSON schema, a deliberately
+broken check, bad arguments, the GPU message, and the dispatcher."""
+import json
+
+import numpy as np
+import pytest
+
+from kfc_ref import __main__ as dispatcher
+from kfc_ref import checks
+from kfc_ref.backend import gpu_unavailable_reason
+
+#: Checks fast enough to run on every test invocation of the CLI paths below.
+QUICK = ["damping.factored_solve", "theorem3.kfc_invariant", "control.sgd_not_invariant"]
+
+
+def run_json(capsys, *args):
+    code = checks.main(["--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_all_checks_pass_at_seed_0_float64(capsys):
+    code, results = run_json(capsys, "--seed", "0")
+    assert code == 0, [r for r in results if not r["passed"]]
+    assert [r["name"] for r in results] == list(checks.REGISTRY)
+
+
+def test_all_checks_pass_in_float32(capsys):
+    code, results = run_json(capsys, "--seed", "1", "--dtype", "float32")
+    assert code == 0, [r for r in results if not r["passed"]]
+
+
+def test_json_schema(capsys):
+    code, results = run_json(capsys, "--only", *QUICK)
+    assert code == 0 and len(results) == len(QUICK)
+    for r in results:
+        assert {"name", "error", "tolerance", "passed", "expect", "detail"} <= set(r)
+        assert isinstance(r["name"], str) and isinstance(r["passed"], bool)
+        assert isinstance(r["error"], float) and isinstance(r["tolerance"], float)
+        assert r["expect"] in ("below", "above")
+        assert r["passed"] == ((r["error"] <= r["tolerance"]) if r["expect"] == "below"
+                               else (r["error"] >= r["tolerance"]))
+
+
+def test_same_seed_same_cases_other_seed_other_cases(capsys):
+    _, a = run_json(capsys, "--only", *QUICK, "--seed", "3")
+    _, b = run_json(capsys, "--only", *QUICK, "--seed", "3")
+    _, c = run_json(capsys, "--only", *QUICK, "--seed", "4")
+    assert [r["error"] for r in a] == [r["error"] for r in b]
+    assert [r["error"] for r in a] != [r["error"] for r in c]
+
+
+def test_table_output(capsys):
+    assert checks.main(["--only", *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "check" in out and "tolerance" in out and "3/3 checks passed" in out
+    assert ">=" in out and "<=" in out
+
+
+def test_a_broken_check_makes_the_exit_code_1(capsys, monkeypatch):
+    registry = dict(checks.REGISTRY)
+
+    def broken(rng, dtype, xp):
+        return checks.measured("broken.equality", 1.0, {"float64": 1e-8, "float32": 1e-4},
+                               dtype, "deliberately wrong")
+
+    def crashing(rng, dtype, xp):
+        raise ArithmeticError("boom")
+
+    registry["broken.equality"] = checks.Check("broken.equality", broken, "always fails")
+    registry["broken.crash"] = checks.Check("broken.crash", crashing, "always raises")
+    monkeypatch.setattr(checks, "REGISTRY", registry)
+    code, results = run_json(capsys, "--only", "damping.exact_solve", "broken.equality",
+                             "broken.crash")
+    assert code == 1
+    by_name = {r["name"]: r for r in results}
+    assert by_name["damping.exact_solve"]["passed"]
+    assert not by_name["broken.equality"]["passed"]
+    crash = by_name["broken.crash"]
+    assert not crash["passed"] and crash["error"] is None and "ArithmeticError: boom" in crash["detail"]
+    assert checks.main(["--only", "broken.equality"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_a_negative_control_that_stops_failing_is_reported():
+    res = checks.measured("control.x", 1e-15, checks.CONTROL_MIN, "float64", expect="above")
+    assert not res.passed
+    assert not checks.measured("eq.x", float("nan"), {"float64": 1.0}, "float64").passed
+
+
+@pytest.mark.parametrize("args", [["--dtype", "float16"], ["--seed", "zero"],
+                                  ["--only", "no.such.check"], ["--frobnicate"],
+                                  ["--device", "tpu"]])
+def test_bad_arguments_exit_2(capsys, args):
+    assert checks.main(args) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_help_exits_0_and_lists_checks(capsys):
+    assert checks.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--seed" in out and "--json" in out and "exit status" in out
+    assert all(name in out for name in checks.REGISTRY)
+
+
+@pytest.mark.skipif(gpu_unavailable_reason() is None, reason="a GPU is available here")
+def test_gpu_without_cupy_exits_2_with_the_backend_message(capsys):
+    assert checks.main(["--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "device='gpu' was requested but" in err and gpu_unavailable_reason() in err
+
+
+def test_dispatcher_routes_check(capsys):
+    assert dispatcher.main(["check", "--only", "damping.factored_solve"]) == 0
+    assert "damping.factored_solve" in capsys.readouterr().out
+
+
+def test_registering_a_duplicate_name_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        checks.register("damping.exact_solve", "dup")(lambda rng, dtype, xp: None)
+
+
+def test_run_checks_rejects_bad_dtype():
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        checks.run_checks(0, "float16")
+
+
+def test_check_rng_depends_on_seed_and_name():
+    a = checks.check_rng(0, "x").random()
+    assert a == checks.check_rng(0, "x").random()
+    assert a != checks.check_rng(0, "y").random() and a != checks.check_rng(1, "x").random()
+    assert isinstance(checks.check_rng(0, "x"), np.random.Generator)
