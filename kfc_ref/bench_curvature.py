@@ -61,6 +61,53 @@ def ladder_report(n: int = 64, seed: int = 0, layers=(0, 2), damping: float = 1e
     return out
 
 
+def bench_kfc_statistics(device: str = "cpu", batch: int = 512, repeats: int = 3,
+                         seed: int = 0) -> dict:
+    """KFC statistics on the CIFAR-10 net vs one gradient evaluation, measured side by side.
+
+    gradient: forward + backward with the true labels (``Sequential.loss_and_grads``);
+    statistics: the extra backward pass with targets sampled from the model (reusing the
+    gradient's forward tape) plus Omega and Gamma of every layer (Eq. 23).
+    """
+    from kfc_ref.backend import namespace_for, synchronize
+    from kfc_ref.factors import network_factors
+    from kfc_ref.models import cifar10_convnet
+
+    xp = namespace_for(device)
+    net = cifar10_convnet()
+    params = net.init(seed, "float32", device)
+    rng = _host_np.random.default_rng(seed)
+    x = xp.asarray(rng.normal(size=(batch, 3, 32, 32)), dtype="float32")
+    y = xp.asarray(rng.integers(0, 10, batch))
+    grad_times, stat_times = [], []
+    for rep in range(repeats + 1):                       # the first round is a warm-up
+        synchronize(x)
+        t0 = time.perf_counter()
+        _, _, tape = net.loss_and_grads(params, x, y)
+        synchronize(x)
+        t1 = time.perf_counter()
+        network_factors(net.sampled_records(params, x, rng, tape=tape))
+        synchronize(x)
+        t2 = time.perf_counter()
+        if rep:
+            grad_times.append(t1 - t0)
+            stat_times.append(t2 - t1)
+    g, s = float(_host_np.median(grad_times)), float(_host_np.median(stat_times))
+    out = dict(device=device, batch=batch, gradient_seconds=g, statistics_seconds=s,
+               statistics_over_gradient=s / g)
+    print(f"CIFAR-10 net, batch {batch}, {device}: gradient {g:.3f} s, KFC statistics "
+          f"(extra backward + Omega, Gamma) {s:.3f} s = {s / g:.2f} x one gradient")
+    return out
+
+
+def bench_curvature(device: str = "cpu", batch: int = 512, repeats: int = 3,
+                    quick: bool = False) -> dict:
+    """Both curvature benchmarks of issue 3 (``python -m kfc_ref bench curvature``)."""
+    stats = bench_kfc_statistics(device, batch, repeats)
+    exact = bench_exact_fisher(n=16 if quick else 256, repeats=1 if quick else 3)
+    return {**stats, **{f"exact_fisher_{k}": v for k, v in exact.items()}}
+
+
 if __name__ == "__main__":
     bench_exact_fisher()
     ladder_report()
