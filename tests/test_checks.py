@@ -9,6 +9,8 @@ from kfc_ref import __main__ as dispatcher
 from kfc_ref import checks
 from kfc_ref.backend import gpu_unavailable_reason
 
+checks.load_checks()
+
 #: Checks fast enough to run on every test invocation of the CLI paths below.
 QUICK = ["damping.factored_solve", "theorem3.kfc_invariant", "control.sgd_not_invariant"]
 
@@ -22,6 +24,15 @@ def test_all_checks_pass_at_seed_0_float64(capsys):
     code, results = run_json(capsys, "--seed", "0")
     assert code == 0, [r for r in results if not r["passed"]]
     assert [r["name"] for r in results] == list(checks.REGISTRY)
+    expected = {"damping.pi_argmin", "damping.factored_solve", "damping.exact_solve",
+                "conventions.flat_gradient", "theorem3.same_function", "theorem3.kfc_invariant",
+                "theorem3.kfc_invariant_padded", "theorem3.damped_orthogonal",
+                "control.sgd_not_invariant", "control.diagonal_fisher_not_invariant",
+                "control.damped_kfc_not_invariant", "theorem1.exact",
+                "control.theorem1_without_sud", "theorem2.beta_construction",
+                "control.plugin_not_psd", "theorem2.gram_psd", "theorem2.kfac_1x1",
+                "fisher.mc_convergence"}
+    assert expected <= set(checks.REGISTRY)
 
 
 def test_all_checks_pass_in_float32(capsys):
@@ -82,7 +93,7 @@ def test_a_broken_check_makes_the_exit_code_1(capsys, monkeypatch):
 
 
 def test_a_negative_control_that_stops_failing_is_reported():
-    res = checks.measured("control.x", 1e-15, checks.CONTROL_MIN, "float64", expect="above")
+    res = checks.measured("control.x", 1e-15, {"float64": 1e-2}, "float64", expect="above")
     assert not res.passed
     assert not checks.measured("eq.x", float("nan"), {"float64": 1.0}, "float64").passed
 

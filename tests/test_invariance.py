@@ -41,8 +41,9 @@ CHAIN_RULE_RTOL = 1e-10
 #: Round-off is amplified by the factors' condition numbers (Omega's kept below
 #: MAX_OMEGA_CONDITION); measured <= 4e-10 over 400 drawn cases (typically 1e-13).
 KFC_INVARIANCE_ATOL = 1e-8
-#: The same in float32 (eps 1.2e-7, times the same amplification): measured <= 2e-4.
-KFC_INVARIANCE_ATOL_F32 = 1e-3
+#: The same in float32 (eps 1.2e-7, times the same amplification): measured <= 1.2e-3 over
+#: 400 seeds of the two fixed nets below (`python -m kfc_ref check --dtype float32`).
+KFC_INVARIANCE_ATOL_F32 = 5e-3
 #: A non-invariant update must move the two networks apart by at least this much (log p units).
 #: Measured >= 0.13 for every control on the fixed cases below, i.e. >= 1e10 x the invariant error.
 CONTROL_MIN_DISCREPANCY = 1e-2
