@@ -39,6 +39,7 @@ import numpy as _host_np  # host-side random draws only (seeded Generators)
 from kfc_ref.backend import asarray_like, get_xp
 from kfc_ref.damping import eigen_factors, factored_inverse
 from kfc_ref.factors import network_factors
+from kfc_ref.fisher import layer_gradient_vectors
 from kfc_ref.layers import Conv2d, Dense, Flatten, Identity, Layer, ReLU, Tanh
 from kfc_ref.losses import log_softmax
 from kfc_ref.network import Sequential
@@ -321,8 +322,9 @@ def _diagonal_fisher(record):
     """Monte-Carlo diagonal Fisher of one layer, I x (1 + J|Delta|) aligned with W_bar:
     mean_n (DW_bar_n)^2 with DW_bar_n = DS_n^T [[A_n]]_H (one sampled target per example)."""
     xp = get_xp(record.DS)
-    per_example = xp.transpose(record.DS, (0, 2, 1)) @ record.A_H      # (N, I, 1 + J|Delta|)
-    return xp.mean(per_example * per_example, axis=0)
+    g = layer_gradient_vectors(record.A_H, record.DS)                  # (N, K I), vec order
+    diag = xp.mean(g * g, axis=0)
+    return xp.transpose(diag.reshape(record.A_H.shape[2], record.DS.shape[2]))
 
 
 def preconditioned_update(net: Sequential, params: list, x, y, rng, *, lr: float,

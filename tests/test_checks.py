@@ -140,3 +140,21 @@ def test_check_rng_depends_on_seed_and_name():
     assert a == checks.check_rng(0, "x").random()
     assert a != checks.check_rng(0, "y").random() and a != checks.check_rng(1, "x").random()
     assert isinstance(checks.check_rng(0, "x"), np.random.Generator)
+
+
+def test_every_check_runs_in_a_second_array_namespace():
+    """The guarded NumPy namespace (tests/guarded_xp.py) refuses host NumPy behind its back,
+    as CuPy would: every check, hence invariance.py and the curvature code it calls, must pass."""
+    from guarded_xp import guarded
+    for name, check in checks.REGISTRY.items():
+        res = check.func(checks.check_rng(0, name), "float64", guarded)
+        assert res.passed, res
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_unavailable_reason() is not None,
+                    reason=f"needs a GPU: {gpu_unavailable_reason()}")
+def test_all_checks_pass_on_the_gpu(capsys):
+    for dtype in ("float64", "float32"):
+        code, results = run_json(capsys, "--device", "gpu", "--dtype", dtype)
+        assert code == 0, [r for r in results if not r["passed"]]

@@ -283,3 +283,16 @@ def test_unsupported_networks_and_arguments_raise():
         dagger_network(Sequential([ReLU(), Flatten(), Dense(4, 2)], (4,)),
                        Reparameterization(PointwiseAffine.identity(4, like), {},
                                           PointwiseAffine.identity(2, like)))
+
+
+def test_diagonal_fisher_control_is_the_diagonal_of_the_one_sample_fisher():
+    """The negative control's preconditioner is what its name says: diag of the Monte-Carlo
+    Fisher with one sampled target per example (same draws), in the W_bar layout."""
+    from kfc_ref.fisher import monte_carlo_fisher
+    from kfc_ref.invariance import _diagonal_fisher
+    net, n = valid_net()
+    params, x, _, _, _ = make_case(net, n, 0)
+    records = net.sampled_records(params, x, np.random.default_rng(5))
+    diag = np.concatenate([_diagonal_fisher(r).ravel(order="F") for r in records])
+    F = monte_carlo_fisher(net, params, x, 1, np.random.default_rng(5))
+    np.testing.assert_allclose(diag, np.diag(F), rtol=CHAIN_RULE_RTOL, atol=1e-14)
