@@ -41,6 +41,7 @@ class Budget:
 
     train_seconds: float      # time limit of each training run (SGD and KFC-pre alike)
     train_iters: int          # cap on the iterations of each training run
+    batch_size: int           # mini-batch of each training run (SGD and KFC-pre alike)
     eval_every: int           # iterations between evaluations of a training run
     max_train: int | None     # training images used (None: all)
     max_test: int | None      # test images used (None: all)
@@ -53,10 +54,10 @@ class Budget:
     dampings: int             # gamma values of the damping sweep
 
 
-QUICK = Budget(train_seconds=10.0, train_iters=4, eval_every=2, max_train=512, max_test=200,
-               sud_examples=64, tiny_examples=128, tiny_iters=30, ladder_examples=48,
+QUICK = Budget(train_seconds=10.0, train_iters=4, batch_size=32, eval_every=2, max_train=512,
+               max_test=200, sud_examples=64, tiny_examples=128, tiny_iters=30, ladder_examples=48,
                invariance_examples=96, invariance_iters=6, dampings=5)
-FULL = Budget(train_seconds=45.0, train_iters=300, eval_every=12, max_train=None,
+FULL = Budget(train_seconds=45.0, train_iters=300, batch_size=128, eval_every=12, max_train=None,
               max_test=500, sud_examples=500, tiny_examples=512, tiny_iters=200,
               ladder_examples=256, invariance_examples=256, invariance_iters=40, dampings=17)
 
@@ -243,12 +244,13 @@ def invariance_trajectories(x, y, num_classes: int, iters: int, seed: int = 0,
 # --------------------------------------------------------------------------- training runs
 def training_run(optimizer: str, arch: str, budget: Budget, out: str, *, data: str = "mnist5k",
                  data_dir=None, seed: int = 0, device: str = "cpu", iters: int | None = None,
-                 eval_every: int | None = None, batch_size: int = 128, quiet: bool = True):
-    """One :func:`kfc_ref.train.train` run with the budget's time limit, iteration cap and
-    data sizes; ``iters`` / ``eval_every`` override the budget (e.g. to match another run)."""
+                 eval_every: int | None = None, quiet: bool = True):
+    """One :func:`kfc_ref.train.train` run with the budget's time limit, iteration cap,
+    mini-batch and data sizes; ``iters`` / ``eval_every`` override the budget (e.g. to match
+    another run's length)."""
     from kfc_ref.train import TrainConfig, train
     cfg = TrainConfig(optimizer=optimizer, data=data, data_dir=data_dir, arch=arch,
-                      batch_size=batch_size, iters=iters or budget.train_iters, seed=seed,
+                      batch_size=budget.batch_size, iters=iters or budget.train_iters, seed=seed,
                       device=device, out=out, eval_every=eval_every or budget.eval_every,
                       max_train=budget.max_train, max_test=budget.max_test,
                       time_limit=None if iters else budget.train_seconds, quiet=quiet)

@@ -56,6 +56,7 @@ class Results:
     damping: object = None
     invariance: object = None
     tiny_side: int = 0                               # side of the shrunk images
+    archs: tuple = ()                                # (max-pool, avg-pool) architecture names
     timings: dict = field(default_factory=dict)     # step -> seconds
 
 
@@ -80,7 +81,7 @@ def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, se
     """
     budget = ex.QUICK if quick else ex.FULL
     res = Results(data, budget)
-    arch_max, arch_avg = SUD_ARCHS[data]
+    arch_max, arch_avg = res.archs = SUD_ARCHS[data]
     common = dict(data=data, data_dir=data_dir, seed=seed, device=device)
 
     _log(quiet, f"[1/5] SGD on {data} ({arch_max}, max pooling, <= {budget.train_seconds:g} s)")
@@ -168,8 +169,8 @@ def figure_exact_vs_kfc(res: Results, out_dir: str) -> list[str]:
 def figure_training(res: Results, out_dir: str) -> list[str]:
     runs = {name: res.runs[name].metrics for name in ("sgd", "kfc-pre") if name in res.runs}
     return plotting.plot_training_curves(
-        runs, f"KFC-pre vs SGD on {res.data} (averaged parameters; batch 128 both)", out_dir,
-        "training")
+        runs, f"KFC-pre vs SGD on {res.data} (averaged parameters; batch {res.budget.batch_size} "
+              "both)", out_dir, "training")
 
 
 def figure_damping(res: Results, out_dir: str) -> list[str]:

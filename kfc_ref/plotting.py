@@ -165,7 +165,7 @@ def plot_training_curves(runs: dict[str, list[dict]], title: str, out_dir: str,
                     if len(kept) == 0:
                         continue
                     x = np.array([float(m[xkey]) for m in kept])
-                    ax.plot(x, y, style, color=color, label=f"{label} ({split})")
+                    ax.plot(x, y, style, marker=".", color=color, label=f"{label} ({split})")
                 ax.set_xlabel("seconds" if xkey == "wall_seconds" else "iterations")
                 ax.set_ylabel("cross-entropy" if quantity == "loss" else "classification error")
     for ax in axes[:, 0]:

@@ -48,9 +48,9 @@ def _training_section(res) -> list[str]:
                      _fmt(last["train_loss"]), _fmt(last["train_error"]),
                      _fmt(last["test_loss"]), _fmt(last["test_error"])])
     lines = ["## KFC-pre vs SGD (Section 5.2, Figures 1-2 in miniature)", "",
-             f"Same data, net (`{res.runs['sgd'].net.layers[0]!r}` ...), batch 128 and time "
-             f"budget ({res.budget.train_seconds:g} s of training each; evaluation excluded); "
-             "losses and errors of the averaged parameters.", ""]
+             f"Same data, architecture `{res.archs[0]}`, mini-batch {res.budget.batch_size} and "
+             f"time budget ({res.budget.train_seconds:g} s of training each, evaluations "
+             "excluded); losses and errors of the averaged parameters (App. B.1).", ""]
     lines += _table(["method", "iterations", "seconds", "train loss", "train error",
                      "test loss", "test error"], rows)
     target = max(min(r["train_error"] for r in sgd), min(r["train_error"] for r in kfc))
@@ -81,9 +81,9 @@ def _curvature_section(res) -> list[str]:
     k = int(np.argmin(np.abs(np.log(d.dampings / 1e-3))))
     lines = ["## Exact Fisher block vs KFC (Sections 3, design.md s. 6)", "",
              f"Second conv layer of a tiny tanh net trained {res.budget.tiny_iters} SGD steps on "
-             f"MNIST shrunk to {res.tiny_side}x{res.tiny_side}; expectations over {res.budget.ladder_examples} images and "
-             "exactly over the model's labels; angles with damping "
-             f"{lad.damping:g}.", ""]
+             f"MNIST shrunk to {res.tiny_side}x{res.tiny_side}; expectations over "
+             f"{res.budget.ladder_examples} images and exactly over the model's labels; angles "
+             f"with damping {lad.damping:g}.", ""]
     lines += _table(["rung", "||F_k - F|| / ||F||", "angle to F^-1 g (deg)"], rows)
     lines += ["", "## Factored vs exact damping (Eqs. 7-8, 20-22; App. B.2)", "",
               f"At gamma = {d.dampings[k]:.3g} (pi = {d.pi:.3g}): factored vs exact damped KFC "
@@ -101,8 +101,9 @@ def _invariance_section(res) -> list[str]:
     rows = [[name, _fmt(v[0]), _fmt(v[-1])] for name, v in inv.losses.items()]
     lines = ["## Theorem 3: invariance to a centred/whitened reparameterisation (Eq. 24)", "",
              f"{len(next(iter(inv.losses.values()))) - 1} full-batch steps on "
-             f"{res.budget.invariance_examples} images ({res.tiny_side}x{res.tiny_side}), tiny valid-conv tanh net; the "
-             "reparameterised net whitens the input and every tanh output.", ""]
+             f"{res.budget.invariance_examples} images ({res.tiny_side}x{res.tiny_side}), tiny "
+             "valid-conv tanh net; the reparameterised net whitens the input and every tanh "
+             "output.", ""]
     lines += _table(["run", "loss at start", "loss at end"], rows)
     lines += [""] + [f"- largest gap max |log p - log p_dagger| along the trajectory, {name}: "
                      f"{max(g):.3g}" for name, g in inv.gaps.items()] + [""]
