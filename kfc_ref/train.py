@@ -72,7 +72,7 @@ class TrainConfig:
     out: str = "runs/default"
     dtype: str = "float32"
     weight_decay: float = 0.0
-    damping: float = 1e-3
+    damping: float | None = None
     eval_every: int | None = None
     max_train: int | None = None
     max_test: int | None = None
@@ -128,7 +128,7 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     options = dict(weight_decay=cfg.weight_decay, **cfg.optimizer_options)
     if cfg.optimizer != "kfac":
         options.setdefault("averaging_tau", float(steps_per_epoch))
-    if cfg.optimizer != "sgd":
+    if cfg.optimizer != "sgd" and cfg.damping is not None:
         options.setdefault("damping", cfg.damping)
     if cfg.optimizer != "kfac":
         options["lr"] = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--damping", type=float, default=1e-3, help="gamma (KFC-pre, K-FAC)")
+    p.add_argument("--damping", type=float, default=None,
+                   help="gamma: KFC-pre's damping (default 1e-3, App. B.1); K-FAC's initial "
+                        "gamma (default sqrt(lambda + r), App. B.2)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="iterations between evaluations/checkpoints (default: 1/20 of the run)")
     p.add_argument("--max-train", type=int, default=None, help="use only this many training "

@@ -30,3 +30,19 @@ def test_bad_device_is_reported(capsys):
         return
     assert main(["conv", "--device", "gpu", "--quick"]) == 2
     assert "device='gpu' was requested" in capsys.readouterr().err
+
+
+def test_speedup_iterations_counts_updates_to_a_target(tmp_path):
+    from kfc_ref.bench_speedup import first_iteration_below, iterations_to_target
+    from kfc_ref.train import TrainConfig
+    assert first_iteration_below([{"iteration": 5.0, "train_error": 0.3},
+                                  {"iteration": 10.0, "train_error": 0.05}], 0.1) == 10
+    base = TrainConfig(data="digits", max_train=256, max_test=64, batch_size=64, eval_every=4,
+                       quiet=True, out=str(tmp_path))
+    out = iterations_to_target(base, rates=(0.1, 0.01), sweep_iters=4, max_iters=12,
+                               target=0.5)
+    for method in ("sgd", "kfc-pre"):
+        m = out["methods"][method]
+        assert m["best_lr"] in (0.1, 0.01) and m["iterations_run"] == 12
+    assert out["lowest_error_both_reach"] >= min(
+        m["lowest_train_error"] for m in out["methods"].values())
