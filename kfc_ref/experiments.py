@@ -16,6 +16,7 @@ in :mod:`kfc_ref.plotting`, orchestration in :mod:`kfc_ref.figures`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,14 +248,20 @@ def training_run(optimizer: str, arch: str, budget: Budget, out: str, *, data: s
                  eval_every: int | None = None, quiet: bool = True):
     """One :func:`kfc_ref.train.train` run with the budget's time limit, iteration cap,
     mini-batch and data sizes; ``iters`` / ``eval_every`` override the budget (e.g. to match
-    another run's length)."""
-    from kfc_ref.train import TrainConfig, train
+    another run's length).  A run whose loss explodes (``TrainingStopped``) is returned with
+    the metrics logged before that, ``net``/``params``/``dataset`` None and ``status``
+    'diverged: <message>'."""
+    from kfc_ref.train import TrainConfig, TrainingStopped, TrainResult, read_metrics, train
     cfg = TrainConfig(optimizer=optimizer, data=data, data_dir=data_dir, arch=arch,
                       batch_size=budget.batch_size, iters=iters or budget.train_iters, seed=seed,
                       device=device, out=out, eval_every=eval_every or budget.eval_every,
                       max_train=budget.max_train, max_test=budget.max_test,
                       time_limit=None if iters else budget.train_seconds, quiet=quiet)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except TrainingStopped as exc:     # keep what was logged before the loss exploded
+        rows = read_metrics(out) if os.path.exists(os.path.join(out, "metrics.csv")) else []
+        return TrainResult(out, rows, None, None, None, f"diverged: {exc}")
 
 
 def first_reaching(metrics: list, key: str, target: float):

@@ -88,6 +88,8 @@ def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, se
     sgd = _timed(res, "sgd run", ex.training_run, "sgd", arch_max, budget,
                  os.path.join(runs_dir, "sgd"), **common)
     res.runs["sgd"] = sgd
+    if sgd.net is None:
+        raise RuntimeError(f"the SGD run behind the SUD analysis stopped: {sgd.status}")
     dataset = sgd.dataset
     xp = namespace_for(device)
     x_sud = xp.asarray(dataset.x_test[:budget.sud_examples])
@@ -98,12 +100,16 @@ def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, se
     avg = _timed(res, "sgd avg-pool run", ex.training_run, "sgd", arch_avg, budget,
                  os.path.join(runs_dir, "sgd-avgpool"), iters=iters, eval_every=iters, **common)
     res.runs["sgd-avgpool"] = avg
+    if avg.net is None:
+        raise RuntimeError(f"the average-pooling SGD run stopped: {avg.status}")
     res.sud["avg"] = _timed(res, "sud avg", sud_analysis, avg.net, avg.params, x_sud,
                             np.random.default_rng([seed, 2]), MAX_OFFSET)
 
     _log(quiet, f"[3/5] KFC-pre on {data} ({arch_max}, <= {budget.train_seconds:g} s)")
     res.runs["kfc-pre"] = _timed(res, "kfc-pre run", ex.training_run, "kfc-pre", arch_max,
                                  budget, os.path.join(runs_dir, "kfc-pre"), **common)
+    if res.runs["kfc-pre"].status.startswith("diverged"):
+        _log(quiet, f"      KFC-pre {res.runs['kfc-pre'].status}")
 
     _log(quiet, "[4/5] exact Fisher block vs KFC, approximation ladder, damping sweep")
     problem = _timed(res, "tiny problem", ex.tiny_problem, dataset, budget, seed)
@@ -232,7 +238,7 @@ def main(argv=None) -> int:
         try:
             res = compute_all(args.data, args.data_dir, quick=args.quick, seed=args.seed,
                               device=args.device, runs_dir=args.runs_dir or tmp)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         paths = draw_all(res, args.out)

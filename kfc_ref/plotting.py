@@ -26,7 +26,10 @@ def _color(label: str, k: int) -> str:
 
 def _pyplot():
     import matplotlib
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg") and \
+    backend = matplotlib.get_backend().lower()
+    # A GUI backend without a display cannot draw: fall back to Agg.  Jupyter's inline backend
+    # ("module://...") works without a display and is kept.
+    if backend not in ("agg", "pdf", "svg") and not backend.startswith("module://") and \
             not os.environ.get("DISPLAY"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,7 +65,9 @@ def plot_correlation_panels(rows: list[tuple[str, object, object]], title: str, 
         auto, cross = np.abs(np.asarray(auto)), np.abs(np.asarray(cross))
         finite = np.flatnonzero(np.isfinite(auto).all(axis=(1, 2)))
         pool = finite if len(finite) >= maps else np.arange(auto.shape[0])
-        chosen = pool[np.linspace(0, len(pool) - 1, maps).round().astype(int)]
+        chosen = np.unique(pool[np.linspace(0, len(pool) - 1, maps).round().astype(int)])
+        for ax in axes[r, len(chosen):maps]:
+            ax.axis("off")                               # fewer maps than panels
         for k, c in enumerate(chosen):
             ax = axes[r, k]
             ax.imshow(auto[c], vmin=0, vmax=1)
@@ -131,7 +136,7 @@ def plot_ladder(rows: list, title: str, out_dir: str, name: str) -> list[str]:
     ax1.bar(x, [r[1] for r in rows], color="#7f7f7f")
     ax1.set_ylabel("||F_k - F||_F / ||F||_F")
     ax2.bar(x, [r[2] for r in rows], color="#9467bd")
-    ax2.set_ylabel("angle to (F + gamma I)^-1 g (deg)")
+    ax2.set_ylabel("angle to F^-1 g, damped (deg)")
     for ax in (ax1, ax2):
         ax.set_xticks(x, names, rotation=30, ha="right")
     fig.suptitle(title)

@@ -40,26 +40,32 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _training_section(res) -> list[str]:
-    sgd, kfc = res.runs["sgd"].metrics, res.runs["kfc-pre"].metrics
+    runs = {"SGD": res.runs["sgd"], "KFC-pre": res.runs["kfc-pre"]}
     rows = []
-    for name, m in (("SGD", sgd), ("KFC-pre", kfc)):
-        last = m[-1]
-        rows.append([name, int(last["iteration"]), _fmt(last["wall_seconds"], ".1f"),
-                     _fmt(last["train_loss"]), _fmt(last["train_error"]),
-                     _fmt(last["test_loss"]), _fmt(last["test_error"])])
+    for name, run in runs.items():
+        last = run.metrics[-1] if run.metrics else {}
+        rows.append([name, _fmt(last.get("iteration"), ".0f"),
+                     _fmt(last.get("wall_seconds"), ".1f")]
+                    + [_fmt(last.get(k)) for k in ("train_loss", "train_error", "test_loss",
+                                                   "test_error")])
     lines = ["## KFC-pre vs SGD (Section 5.2, Figures 1-2 in miniature)", "",
              f"Same data, architecture `{res.archs[0]}`, mini-batch {res.budget.batch_size} and "
              f"time budget ({res.budget.train_seconds:g} s of training each, evaluations "
              "excluded); losses and errors of the averaged parameters (App. B.1).", ""]
     lines += _table(["method", "iterations", "seconds", "train loss", "train error",
                      "test loss", "test error"], rows)
-    target = max(min(r["train_error"] for r in sgd), min(r["train_error"] for r in kfc))
-    reach = {name: ex.first_reaching(m, "train_error", target) for name, m in
-             (("SGD", sgd), ("KFC-pre", kfc))}
-    lines += ["", f"Lowest training error both reach: {target:.4f}; first reached by "
-              + "; ".join(f"{name} at iteration {r[0]} ({r[1]:.1f} s)" for name, r in
-                          reach.items() if r is not None) + ".", ""]
-    return lines
+    for name, run in runs.items():
+        if run.status.startswith("diverged"):
+            lines += ["", f"**{name} diverged** (the table shows its last evaluation before "
+                          f"that): {run.status[len('diverged: '):]}"]
+    if all(run.metrics for run in runs.values()):
+        target = max(min(r["train_error"] for r in run.metrics) for run in runs.values())
+        reach = {name: ex.first_reaching(run.metrics, "train_error", target)
+                 for name, run in runs.items()}
+        lines += ["", f"Lowest training error both reach: {target:.4f}; first reached by "
+                  + "; ".join(f"{name} at iteration {r[0]} ({r[1]:.1f} s)"
+                              for name, r in reach.items() if r is not None) + "."]
+    return lines + [""]
 
 
 def _sud_section(res) -> list[str]:

@@ -97,7 +97,7 @@ def test_ladder_and_damping_sweep_agree_at_the_ladder_damping(results):
     assert abs(sweep.exact_vs_fisher_angle[k] - kfc.angle_deg) < ANGLE_AGREEMENT_DEG
 
 
-def test_ladder_kfc_rung_is_the_exact_layer_factors(results, tmp_path):
+def test_ladder_kfc_rung_is_the_exact_layer_factors(results):
     problem = ex.tiny_problem(results.runs["sgd"].dataset, ex.QUICK, seed=0)
     ladder = ex.exact_vs_kfc(problem, ex.QUICK.ladder_examples)
     fac = exact_layer_factors(problem.net, problem.params, problem.x[:ex.QUICK.ladder_examples],
@@ -147,3 +147,18 @@ def test_shrink_images_sizes():
     assert ex.shrink_images(x).shape == (2, 1, 7, 7)
     assert ex.shrink_images(np.zeros((2, 3, 32, 32))).shape == (2, 3, 8, 8)
     assert ex.shrink_images(np.zeros((2, 1, 8, 8))).shape == (2, 1, 8, 8)
+
+
+def test_training_run_keeps_the_log_of_a_diverged_run(tmp_path, monkeypatch):
+    import kfc_ref.train as train_module
+
+    def exploding(cfg):
+        os.makedirs(cfg.out, exist_ok=True)
+        train_module.write_metrics(os.path.join(cfg.out, "metrics.csv"),
+                                   [{"iteration": 3, "wall_seconds": 1.0, "train_loss": 0.5}])
+        raise train_module.TrainingStopped("loss 1e9 at iteration 4 is exploding")
+
+    monkeypatch.setattr(train_module, "train", exploding)
+    run = ex.training_run("kfc-pre", "small", ex.QUICK, str(tmp_path / "run"), data="digits")
+    assert run.status.startswith("diverged: loss 1e9")
+    assert run.net is None and [int(m["iteration"]) for m in run.metrics] == [3]

@@ -20,7 +20,7 @@ def tour_run(tmp_path_factory):
     return rc, str(out)
 
 
-def test_tour_passes_and_says_where_things_are(tour_run, capsys):
+def test_tour_exits_zero(tour_run):
     rc, out = tour_run
     assert rc == 0
 
@@ -49,3 +49,16 @@ def test_tour_writes_figures_and_runs(tour_run):
 def test_tour_rejects_an_unknown_option():
     with pytest.raises(SystemExit):
         tour.main(["--no-such-option"])
+
+
+def test_summary_reports_a_diverged_run():
+    from types import SimpleNamespace
+    from kfc_ref.experiments import QUICK
+    rows = [{"iteration": 2.0, "wall_seconds": 1.0, "train_loss": 1.0, "train_error": 0.5,
+             "test_loss": 1.1, "test_error": 0.6}]
+    res = SimpleNamespace(budget=QUICK, archs=("small", "small-avg"), runs={
+        "sgd": SimpleNamespace(metrics=rows, status="finished"),
+        "kfc-pre": SimpleNamespace(metrics=[], status="diverged: loss nan at iteration 1")})
+    text = "\n".join(tour._training_section(res))
+    assert "**KFC-pre diverged**" in text and "loss nan at iteration 1" in text
+    assert "| KFC-pre | n/a |" in text
