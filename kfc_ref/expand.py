@@ -97,20 +97,29 @@ def im2col(x, geom: ConvGeometry):
     """Patches P = [[A]] of an (N, J, H, W) input: shape (N, |T|, J*|Delta|) (Eq. 25).
 
     Column ``j*|Delta| + u*kw + v`` (offset fastest), row ``oh*Wo + ow``.  The result is a
-    transposed *view* of an (N, J*|Delta|, |T|) buffer: in that layout every offset's copy and
-    the convolution GEMMs touch contiguous memory (about 7x faster than writing rows), and
-    ``xp.transpose(P, (0, 2, 1))`` gives the buffer back without a copy.
+    transposed *view* of a (J*|Delta|, N*|T|) matrix (see :func:`patch_matrix`), the layout of
+    the paper's GPU code (App. A: every column of the expanded matrix contiguous over examples
+    and locations).  In it each offset's copy writes contiguous rows, and the convolution, its
+    weight gradient and Omega are single large GEMMs.
     """
     xp = get_xp(x)
     n, j, h, w = x.shape
     ho, wo = geom.output_shape(h, w)
     xpad = pad_spatial(x, geom.padding)
-    cols = xp.empty((n, j, geom.kh, geom.kw, ho, wo), dtype=x.dtype)
+    buf = xp.empty((j, geom.kh, geom.kw, n, ho, wo), dtype=x.dtype)
     for u in range(geom.kh):
         for v in range(geom.kw):
             rows, cs = _offset_slices(geom, u, v, ho, wo)
-            cols[:, :, u, v] = xpad[:, :, rows, cs]
-    return xp.transpose(cols.reshape(n, j * geom.num_offsets, ho * wo), (0, 2, 1))
+            buf[:, u, v] = xp.transpose(xpad[:, :, rows, cs], (1, 0, 2, 3))
+    return xp.transpose(buf.reshape(j * geom.num_offsets, n, ho * wo), (1, 2, 0))
+
+
+def patch_matrix(patches):
+    """[[A]]^T as a (J*|Delta|, N*|T|) matrix: a view for :func:`im2col`'s output, a copy
+    otherwise."""
+    xp = get_xp(patches)
+    n, t, k = patches.shape
+    return xp.transpose(patches, (2, 0, 1)).reshape(k, n * t)
 
 
 def col2im(cols, input_shape: tuple[int, int, int, int], geom: ConvGeometry):
@@ -123,12 +132,12 @@ def col2im(cols, input_shape: tuple[int, int, int, int], geom: ConvGeometry):
     n, j, h, w = input_shape
     ho, wo = geom.output_shape(h, w)
     p = geom.padding
-    c6 = xp.transpose(cols, (0, 2, 1)).reshape(n, j, geom.kh, geom.kw, ho, wo)
+    c6 = patch_matrix(cols).reshape(j, geom.kh, geom.kw, n, ho, wo)
     out = xp.zeros((n, j, h + 2 * p, w + 2 * p), dtype=cols.dtype)
     for u in range(geom.kh):
         for v in range(geom.kw):
             rows, cs = _offset_slices(geom, u, v, ho, wo)
-            out[:, :, rows, cs] += c6[:, :, u, v]
+            out[:, :, rows, cs] += xp.transpose(c6[:, u, v], (1, 0, 2, 3))
     return out[:, :, p:p + h, p:p + w] if p else out
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as _host_np  # host-side initialisation and dropout masks only (seeded Generators)
 
 from kfc_ref.backend import asarray_like, get_xp
-from kfc_ref.expand import ConvGeometry, col2im, im2col
+from kfc_ref.expand import ConvGeometry, col2im, im2col, patch_matrix
 
 
 @dataclass
@@ -111,12 +111,11 @@ class Conv2d(Layer):
                              f"{self.param_shape} (I, 1 + J*kh*kw)")
 
     def _linear(self, patches, W, n, ho, wo):
-        """S = [[A]] W^T + 1 b^T, computed per example as W (J|Delta| x |T| columns) so that
-        every GEMM reads contiguous memory; returns (N, I, Ho, Wo)."""
+        """S = [[A]] W^T + 1 b^T as one GEMM W (I x J|Delta|) [[A]]^T (J|Delta| x N|T|);
+        returns (N, I, Ho, Wo)."""
         xp = get_xp(patches, W)
-        cols = xp.transpose(patches, (0, 2, 1))                  # (N, J|Delta|, |T|)
-        s = W[:, 1:] @ cols + W[:, 0][:, None]                   # (N, I, |T|)
-        return s.reshape(n, -1, ho, wo)
+        s = W[:, 1:] @ patch_matrix(patches) + W[:, 0][:, None]      # (I, N|T|)
+        return xp.ascontiguousarray(xp.transpose(s.reshape(-1, n, ho, wo), (1, 0, 2, 3)))
 
     def forward(self, x, W=None, ctx=None):
         self._check(x, W)
@@ -138,16 +137,19 @@ class Conv2d(Layer):
         return cache[0]
 
     def backward(self, dout, cache, W=None):
-        """dW_bar = sum_n DS_n^T [[A_n]]_H (Eq. 28); dx = col2im(DS W) (Eq. 27)."""
+        """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(DS W) (Eq. 27).
+        Both products are single GEMMs over all N|T| rows."""
         xp = get_xp(dout, W)
         patches, in_shape = cache
-        n, i = dout.shape[:2]
-        ds = dout.reshape(n, i, -1)                              # (N, I, |T|)
+        i = dout.shape[1]
+        ds = xp.transpose(dout, (1, 0, 2, 3)).reshape(i, -1)       # DS^T, (I, N|T|)
+        A = patch_matrix(patches)                                  # [[A]]^T, (J|Delta|, N|T|)
         dW = xp.empty(W.shape, dtype=W.dtype)
-        dW[:, 0] = xp.sum(ds, axis=(0, 2))
-        dW[:, 1:] = xp.sum(ds @ patches, axis=0)                 # N GEMMs (I x |T|)(|T| x K)
-        dcols = xp.transpose(W[:, 1:]) @ ds                      # (N, J|Delta|, |T|)
-        return col2im(xp.transpose(dcols, (0, 2, 1)), in_shape, self.geom), dW
+        dW[:, 0] = xp.sum(ds, axis=1)
+        dW[:, 1:] = ds @ xp.transpose(A)
+        dA = xp.transpose(W[:, 1:]) @ ds                           # (J|Delta|, N|T|)
+        n, t = patches.shape[:2]
+        return col2im(xp.transpose(dA.reshape(-1, n, t), (1, 2, 0)), in_shape, self.geom), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
         """d s = [[dx]] W^T + [[A]]_H dW_bar^T (bilinear in input and parameters)."""
