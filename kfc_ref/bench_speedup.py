@@ -67,12 +67,15 @@ def iterations_to_target(base: TrainConfig, rates=(0.3, 0.1, 0.03, 0.01),
     return out
 
 
-def wallclock_curves(base: TrainConfig, lr_sgd: float, lr_kfc: float, seconds: float) -> dict:
-    """SGD (batch 128) and KFC-pre (batch 512) for the same wall-clock budget."""
+def wallclock_curves(base: TrainConfig, lr_sgd: float, lr_kfc: float, seconds: float,
+                     eval_examples: int = 5120) -> dict:
+    """SGD (batch 128) and KFC-pre (batch 512) for the same wall-clock budget, evaluated every
+    ``eval_examples`` training examples (evaluation time is not counted)."""
     out = {"seconds": seconds, "methods": {}}
     for method, batch, lr in (("sgd", 128, lr_sgd), ("kfc-pre", 512, lr_kfc)):
         cfg = dataclasses.replace(base, optimizer=method, batch_size=batch, lr=lr,
                                   iters=10**9, epochs=None, time_limit=seconds,
+                                  eval_every=max(1, round(eval_examples / batch)),
                                   out=os.path.join(base.out, f"wallclock_{method}"))
         result = train(cfg)
         out["methods"][method] = {
