@@ -17,7 +17,7 @@ in :mod:`kfc_ref.plotting`, orchestration in :mod:`kfc_ref.figures`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,10 +38,12 @@ from kfc_ref.pooling import AvgPool2d
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work each experiment does (``QUICK`` for CI, ``FULL`` for the figures)."""
+    """How much work each experiment does: ``QUICK`` (CI, seconds), ``TOUR`` (training runs
+    limited in wall-clock so the tour ends in < 5 minutes on 2 cores), ``FIGURES`` (training
+    runs of a fixed length, so the committed figures do not depend on the machine's load)."""
 
-    train_seconds: float      # time limit of each training run (SGD and KFC-pre alike)
-    train_iters: int          # cap on the iterations of each training run
+    train_seconds: float | None  # time limit of each training run (None: run train_iters)
+    train_iters: int          # iterations of each training run (a cap with a time limit)
     batch_size: int           # mini-batch of each training run (SGD and KFC-pre alike)
     eval_every: int           # iterations between evaluations of a training run
     max_train: int | None     # training images used (None: all)
@@ -56,11 +58,14 @@ class Budget:
 
 
 QUICK = Budget(train_seconds=10.0, train_iters=4, batch_size=32, eval_every=2, max_train=512,
-               max_test=200, sud_examples=64, tiny_examples=128, tiny_iters=30, ladder_examples=48,
-               invariance_examples=96, invariance_iters=6, dampings=5)
-FULL = Budget(train_seconds=45.0, train_iters=300, batch_size=128, eval_every=12, max_train=None,
-              max_test=500, sud_examples=500, tiny_examples=512, tiny_iters=200,
-              ladder_examples=256, invariance_examples=256, invariance_iters=40, dampings=17)
+               max_test=200, sud_examples=64, tiny_examples=128, tiny_iters=30,
+               ladder_examples=48, invariance_examples=96, invariance_iters=6, dampings=5)
+TOUR = Budget(train_seconds=45.0, train_iters=300, batch_size=128, eval_every=12,
+              max_train=None, max_test=500, sud_examples=500, tiny_examples=512,
+              tiny_iters=200, ladder_examples=256, invariance_examples=256,
+              invariance_iters=40, dampings=17)
+#: 80 iterations = 2.5 epochs of mnist5k at batch 128 (about the length the tour reaches).
+FIGURES = replace(TOUR, train_seconds=None, train_iters=80, eval_every=8)
 
 #: Tiny-net SGD: learning rate and mini-batch (a few hundred steps reach a low training loss on
 #: 8x8 digits and 7x7 MNIST without diverging).

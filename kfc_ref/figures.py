@@ -73,18 +73,24 @@ def _log(quiet: bool, message: str):
 
 
 def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, seed: int = 0,
-                device: str = "cpu", runs_dir: str, quiet: bool = False) -> Results:
+                device: str = "cpu", runs_dir: str, quiet: bool = False,
+                budget: ex.Budget | None = None) -> Results:
     """Run every experiment behind the figures (see the module doc) and return the results.
+
+    ``budget``: how long each experiment runs (default ``experiments.QUICK`` with ``quick``,
+    else ``experiments.FIGURES``: fixed-length training runs).
 
     Training runs (``kfc_ref.train``) write their folders under ``runs_dir``: ``sgd`` (max
     pooling, the SUD net), ``sgd-avgpool`` (same number of iterations) and ``kfc-pre``.
     """
-    budget = ex.QUICK if quick else ex.FULL
+    budget = budget or (ex.QUICK if quick else ex.FIGURES)
+    length = (f"<= {budget.train_seconds:g} s" if budget.train_seconds
+              else f"{budget.train_iters} iterations")
     res = Results(data, budget)
     arch_max, arch_avg = res.archs = SUD_ARCHS[data]
     common = dict(data=data, data_dir=data_dir, seed=seed, device=device)
 
-    _log(quiet, f"[1/5] SGD on {data} ({arch_max}, max pooling, <= {budget.train_seconds:g} s)")
+    _log(quiet, f"[1/5] SGD on {data} ({arch_max}, max pooling, {length})")
     sgd = _timed(res, "sgd run", ex.training_run, "sgd", arch_max, budget,
                  os.path.join(runs_dir, "sgd"), **common)
     res.runs["sgd"] = sgd
@@ -105,7 +111,7 @@ def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, se
     res.sud["avg"] = _timed(res, "sud avg", sud_analysis, avg.net, avg.params, x_sud,
                             np.random.default_rng([seed, 2]), MAX_OFFSET)
 
-    _log(quiet, f"[3/5] KFC-pre on {data} ({arch_max}, <= {budget.train_seconds:g} s)")
+    _log(quiet, f"[3/5] KFC-pre on {data} ({arch_max}, {length})")
     res.runs["kfc-pre"] = _timed(res, "kfc-pre run", ex.training_run, "kfc-pre", arch_max,
                                  budget, os.path.join(runs_dir, "kfc-pre"), **common)
     if res.runs["kfc-pre"].status.startswith("diverged"):

@@ -450,7 +450,7 @@ from kfc_ref.data import load_dataset, preprocess
 from kfc_ref.ladder import format_ladder
 
 data = preprocess(load_dataset("digits"))                   # 8x8 digits: the fastest built-in data
-budget = ex.QUICK if QUICK else ex.FULL
+budget = ex.QUICK if QUICK else ex.TOUR
 problem = ex.tiny_problem(data, budget)                    # tiny tanh net, a few SGD steps, float64
 ladder = ex.exact_vs_kfc(problem, budget.ladder_examples)
 print(format_ladder(ladder))'''),
@@ -720,7 +720,7 @@ from kfc_ref.figures import figure_damping, Results
 import tempfile
 
 data = preprocess(load_dataset("digits"))
-budget = ex.QUICK if QUICK else ex.FULL
+budget = ex.QUICK if QUICK else ex.TOUR
 problem = ex.tiny_problem(data, budget)
 ladder = ex.exact_vs_kfc(problem, budget.ladder_examples)
 sweep = ex.damping_sweep(problem, ladder, budget.ladder_examples, budget.dampings)
@@ -813,6 +813,8 @@ def build(out_dir: str = HERE) -> list[str]:
     """Write every notebook (no outputs) and return the paths."""
     paths = []
     for name, cells in NOTEBOOKS.items():
+        for k, cell in enumerate(cells):
+            cell.id = f"cell-{k:02d}"          # stable ids: regenerating leaves git clean
         nb = new_notebook(cells=cells, metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
             "language_info": {"name": "python"}})
