@@ -228,7 +228,9 @@ def build_parser(prog: str = "python -m kfc_ref figures") -> argparse.ArgumentPa
     p.add_argument("--runs-dir", default=None,
                    help="keep the training runs here (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the training runs and the SUD analysis run (the tiny exact-"
+                        "Fisher and Theorem 3 experiments always use NumPy float64)")
     return p
 
 

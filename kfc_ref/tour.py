@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny budgets (CI, well under a minute)")
     p.add_argument("--out", default="tour", help="output folder (default: tour)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the training runs and the SUD analysis run (the tiny exact-"
+                        "Fisher and Theorem 3 experiments always use NumPy float64)")
     return p
 
 
