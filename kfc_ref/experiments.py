@@ -192,7 +192,7 @@ def whitening(a) -> PointwiseAffine:
     afterwards the maps have mean 0 and identity covariance across maps (Section 4.1: "normalizing
     activations to be zero mean and unit variance")."""
     J = a.shape[1]
-    flat = np.moveaxis(np.asarray(a), 1, -1).reshape(-1, J)
+    flat = np.moveaxis(to_numpy(a), 1, -1).reshape(-1, J)          # host-side statistics
     M = flat.mean(axis=0)
     w, Q = np.linalg.eigh(np.atleast_2d(np.cov(flat.T, bias=True)))
     V = (Q / np.sqrt(w)) @ Q.T
