@@ -38,7 +38,9 @@ def lr_sweep(base: TrainConfig, rates=PAPER_RATES) -> tuple[float, list[SweepRow
         raise ValueError("rates must list at least one learning rate")
     rows = []
     for lr in rates:
-        cfg = dataclasses.replace(base, lr=float(lr), out=os.path.join(base.out, f"lr_{lr:g}"))
+        # Only the final evaluation is scored, so evaluate once at the end unless told otherwise.
+        cfg = dataclasses.replace(base, lr=float(lr), out=os.path.join(base.out, f"lr_{lr:g}"),
+                                  eval_every=base.eval_every or base.iters or 10**9)
         try:
             result = train(cfg)
             last = result.metrics[-1]
