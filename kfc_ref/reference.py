@@ -9,23 +9,33 @@ from __future__ import annotations
 import numpy as np
 
 
+def _taps(h, w, kh, kw, stride, padding, dilation):
+    """Every (oh, ow, u, v, r, q): output location, kernel offset and the input cell it reads
+    (r, q inside the input only; padded cells are skipped, i.e. read as 0).  Also (Ho, Wo)."""
+    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    taps = []
+    for oh in range(ho):
+        for ow in range(wo):
+            for u in range(kh):
+                for v in range(kw):
+                    r = stride * oh + dilation * u - padding
+                    q = stride * ow + dilation * v - padding
+                    if 0 <= r < h and 0 <= q < w:
+                        taps.append((oh, ow, u, v, r, q))
+    return taps, ho, wo
+
+
 def im2col_loops(x, kh, kw, stride=1, padding=0, dilation=1):
     """[[A]] by Eq. 25: entry (n, t, j*|Delta| + u*kw + v) = x[n, j, s*oh+d*u-p, s*ow+d*v-p]
     (0 outside the input)."""
     n, c, h, w = x.shape
-    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    taps, ho, wo = _taps(h, w, kh, kw, stride, padding, dilation)
     out = np.zeros((n, ho * wo, c * kh * kw), dtype=x.dtype)
     for b in range(n):
-        for oh in range(ho):
-            for ow in range(wo):
-                for j in range(c):
-                    for u in range(kh):
-                        for v in range(kw):
-                            r = stride * oh + dilation * u - padding
-                            q = stride * ow + dilation * v - padding
-                            if 0 <= r < h and 0 <= q < w:
-                                out[b, oh * wo + ow, j * kh * kw + u * kw + v] = x[b, j, r, q]
+        for j in range(c):
+            for oh, ow, u, v, r, q in taps:
+                out[b, oh * wo + ow, j * kh * kw + u * kw + v] = x[b, j, r, q]
     return out
 
 
@@ -33,22 +43,14 @@ def conv2d_loops(x, W, b, stride=1, padding=0, dilation=1):
     """s[n, i, oh, ow] = b_i + sum_{j,u,v} W[i, j, u, v] x[n, j, s*oh+d*u-p, s*ow+d*v-p]."""
     n, c, h, w = x.shape
     i_out, _, kh, kw = W.shape
-    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    taps, ho, wo = _taps(h, w, kh, kw, stride, padding, dilation)
     out = np.zeros((n, i_out, ho, wo), dtype=x.dtype)
+    out += np.asarray(b)[None, :, None, None]
     for bb in range(n):
         for i in range(i_out):
-            for oh in range(ho):
-                for ow in range(wo):
-                    acc = b[i]
-                    for j in range(c):
-                        for u in range(kh):
-                            for v in range(kw):
-                                r = stride * oh + dilation * u - padding
-                                q = stride * ow + dilation * v - padding
-                                if 0 <= r < h and 0 <= q < w:
-                                    acc += W[i, j, u, v] * x[bb, j, r, q]
-                    out[bb, i, oh, ow] = acc
+            for j in range(c):
+                for oh, ow, u, v, r, q in taps:
+                    out[bb, i, oh, ow] += W[i, j, u, v] * x[bb, j, r, q]
     return out
 
 
