@@ -227,20 +227,32 @@ def build_parser(prog: str = "python -m kfc_ref figures") -> argparse.ArgumentPa
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--runs-dir", default=None,
                    help="keep the training runs here (default: a temporary folder)")
+    add_run_arguments(p)
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--seed and --device, shared by the figures and tour commands."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the training runs and the SUD analysis run (the tiny exact-"
                         "Fisher and Theorem 3 experiments always use NumPy float64)")
-    return p
+
+
+def device_error(device: str) -> int | None:
+    """Exit code 2 with the backend's message when ``device`` cannot be used, else None."""
+    try:
+        check_device(device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_device(args.device)
-    except (RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if (code := device_error(args.device)) is not None:
+        return code
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -23,9 +23,8 @@ import time
 import numpy as np
 
 from kfc_ref import experiments as ex
-from kfc_ref.backend import DEVICES, check_device
 from kfc_ref.checks import run_checks
-from kfc_ref.figures import compute_all, draw_all
+from kfc_ref.figures import add_run_arguments, compute_all, device_error, draw_all
 
 DATA = "mnist5k"
 
@@ -147,20 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="tiny budgets (CI, well under a minute)")
     p.add_argument("--out", default="tour", help="output folder (default: tour)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the training runs and the SUD analysis run (the tiny exact-"
-                        "Fisher and Theorem 3 experiments always use NumPy float64)")
+    add_run_arguments(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_device(args.device)
-    except (RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if (code := device_error(args.device)) is not None:
+        return code
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     print("[0/5] theorem checks", flush=True)
