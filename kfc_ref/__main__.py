@@ -9,12 +9,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "check": ("kfc_ref.checks", "run the paper's theorem checks on fresh random cases"),
-    "train": ("kfc_ref.train", "train a net with SGD, KFC-pre or K-FAC and log metrics"),
-    "sweep": ("kfc_ref.sweep", "learning-rate sweep over {0.3, 0.1, ..., 0.0003}"),
-    "figures": ("kfc_ref.figures", "write the figures (PNG and PDF)"),
-    "tour": ("kfc_ref.tour", "one-command tour: checks, exact vs KFC, SUD, KFC-pre vs SGD"),
-    "bench": ("kfc_ref.bench", "benchmarks: conv throughput, curvature cost, optimizer overhead"),
+    "check": ("kfc_ref.experiments.checks", "run the paper's theorem checks on fresh random cases"),
+    "train": ("kfc_ref.experiments.train", "train a net with SGD, KFC-pre or K-FAC and log metrics"),
+    "sweep": ("kfc_ref.experiments.sweep", "learning-rate sweep over {0.3, 0.1, ..., 0.0003}"),
+    "figures": ("kfc_ref.experiments.figures", "write the figures (PNG and PDF)"),
+    "tour": ("kfc_ref.experiments.tour", "one-command tour: checks, exact vs KFC, SUD, KFC-pre vs SGD"),
+    "bench": ("kfc_ref.experiments.bench", "benchmarks: conv, curvature, optim, speedup (ratios measured side by side)"),
 }
 
 

@@ -31,7 +31,7 @@ print("quick mode" if QUICK else "full mode", "| kfc_ref", kfc_ref.__version__)'
 SHOW = '''\
 from IPython.display import Image, display
 def show(path):
-    """Display a PNG written by a kfc_ref.plotting function."""
+    """Display a PNG written by a kfc_ref.experiments.plotting function."""
     display(Image(filename=path))'''
 
 
@@ -99,8 +99,8 @@ expectation over the model's labels taken exactly) fits in memory. Compare the b
 second conv layer with $\\Omega\\otimes\\Gamma$.
 '''),
     code('''
-from kfc_ref.models import tiny_convnet
-from kfc_ref.fisher import true_fisher, fisher_blocks, exact_layer_factors
+from kfc_ref.nn.models import tiny_convnet
+from kfc_ref.curvature.fisher import true_fisher, fisher_blocks, exact_layer_factors
 
 rng = np.random.default_rng(0)
 net = tiny_convnet((1, 6, 6), channels=(3, 3), num_classes=3)
@@ -135,7 +135,7 @@ For each layer, $[\\hat F^{(\\gamma)}_\\ell]^{-1}\\nabla h = \\mathrm{vec}(\\Gam
 \\nabla_{\\bar W}h\\,\\Omega^{(\\gamma)-1})$ with the factored damping of Eq. 21.
 '''),
     code('''
-from kfc_ref.damping import factored_inverse
+from kfc_ref.curvature.damping import factored_inverse
 
 y = rng.integers(0, 3, size=x.shape[0])
 loss, grads, _ = net.loss_and_grads(params, x, y)
@@ -175,8 +175,8 @@ $S = [\\![A]\\!]_H \\bar W^\\top$ (Eqs. 26, 29) and $\\mathcal D\\bar W = \\math
 '''),
     code(SETUP),
     code('''
-from kfc_ref.expand import ConvGeometry, im2col, col2im, expand_homogeneous
-from kfc_ref.reference import im2col_loops
+from kfc_ref.nn.expand import ConvGeometry, im2col, col2im, expand_homogeneous
+from kfc_ref.nn.loops import im2col_loops
 
 rng = np.random.default_rng(0)
 N, J, H, W = 2, 2, 5, 5
@@ -195,8 +195,8 @@ print(A_H[0, 0])'''),
 the definition (Eq. 10) written as loops (`reference.conv2d_loops`).
 '''),
     code('''
-from kfc_ref.layers import Conv2d
-from kfc_ref.reference import conv2d_loops
+from kfc_ref.nn.layers import Conv2d
+from kfc_ref.nn.loops import conv2d_loops
 
 I = 3
 conv = Conv2d(J, I, 3, padding=1)
@@ -268,9 +268,9 @@ one location ($|\\mathcal T| = 1$), so `kfc_ref` computes $\\Psi$ with the same 
 '''),
     code(SETUP),
     code('''
-from kfc_ref.layers import Dense, Tanh
-from kfc_ref.network import Sequential
-from kfc_ref.fisher import true_fisher, monte_carlo_fisher, empirical_fisher, fisher_blocks, \\
+from kfc_ref.nn.layers import Dense, Tanh
+from kfc_ref.nn.network import Sequential
+from kfc_ref.curvature.fisher import true_fisher, monte_carlo_fisher, empirical_fisher, fisher_blocks, \\
     exact_layer_factors, kl_divergence
 
 rng = np.random.default_rng(0)
@@ -348,10 +348,10 @@ print("Eq. 6 == dense solve:", np.allclose(fast.ravel(order="F"), dense))'''),
     md('''
 ## Exercises
 
-1. Replace `Tanh` by `ReLU` (`from kfc_ref.layers import ReLU`): does K-FAC get better or worse?
+1. Replace `Tanh` by `ReLU` (`from kfc_ref.nn.layers import ReLU`): does K-FAC get better or worse?
 2. How many Monte-Carlo samples per example are needed for a 5% relative error?
 3. Show numerically that the empirical Fisher equals the Fisher when the labels `y` are drawn from
-   the model (`kfc_ref.losses.sample_targets`) and averaged over many draws.
+   the model (`kfc_ref.nn.losses.sample_targets`) and averaged over many draws.
 '''),
 ]
 
@@ -376,8 +376,8 @@ where $\\beta$ counts the locations at which both offsets fall inside the map.
 '''),
     code(SETUP),
     code('''
-from kfc_ref.expand import ConvGeometry
-from kfc_ref.theorem1 import (StationaryGaussianField, beta, beta_matrix, exact_gradient_second_moment,
+from kfc_ref.nn.expand import ConvGeometry
+from kfc_ref.theory.theorem1 import (StationaryGaussianField, beta, beta_matrix, exact_gradient_second_moment,
                               theorem1_prediction, exact_omega, omega_from_autocovariance, plugin_omega)
 
 geom = ConvGeometry(3, 3, stride=1, padding=1)
@@ -417,11 +417,11 @@ print("SUD broken:  ||exact - Omega kron Gamma|| / ||exact|| =",
 Plugging an *estimated* autocovariance into Eq. 19 can give an indefinite $\\Omega$ (Section 3.1).
 Theorem 2 says that under SH, $\\Omega = \\mathbb E[[\\![A]\\!]_H^\\top[\\![A]\\!]_H]$ and
 $\\Gamma = \\frac1{|\\mathcal T|}\\mathbb E[\\mathcal DS^\\top\\mathcal DS]$: Gram matrices, PSD by
-construction (`kfc_ref.factors`).
+construction (`kfc_ref.curvature.factors`).
 '''),
     code('''
-from kfc_ref.factors import omega_from_patches
-from kfc_ref.expand import im2col
+from kfc_ref.curvature.factors import omega_from_patches
+from kfc_ref.nn.expand import im2col
 
 Om_theorem1 = omega_from_autocovariance(act.autocovariance(geom), act.mean, geom, T1, T2)
 print("E[[[A]]_H^T [[A]]_H] == beta construction (Theorem 2 vs Eq. 19):",
@@ -445,9 +445,9 @@ exact -> IAD -> IAD+SUD -> KFC (+SH), plus KFC-SUA (Appendix C) and the diagonal
 relative error and the angle between the damped solves $F^{-1}g$ and $F_k^{-1}g$.
 '''),
     code('''
-from kfc_ref import experiments as ex
+from kfc_ref.experiments import studies as ex
 from kfc_ref.data import load_dataset, preprocess
-from kfc_ref.ladder import format_ladder
+from kfc_ref.theory.ladder import format_ladder
 
 data = preprocess(load_dataset("digits"))                   # 8x8 digits: the fastest built-in data
 budget = ex.QUICK if QUICK else ex.TOUR
@@ -491,7 +491,7 @@ map and offset. White noise has zero off-centre correlation; a 2-tap moving aver
 rows, $f_t = z_t + z_{t+1}$, has correlation exactly $1/2$ at row offset 1 and 0 beyond.
 '''),
     code('''
-from kfc_ref.correlation import spatial_autocorrelation, cross_map_correlation, mean_offcentre_correlation
+from kfc_ref.theory.correlation import spatial_autocorrelation, cross_map_correlation, mean_offcentre_correlation
 
 rng = np.random.default_rng(0)
 n = 200 if QUICK else 1000
@@ -507,14 +507,14 @@ print("noise level ~ 1/sqrt(n |T|) =", 1 / np.sqrt(n * 144))'''),
     md('''
 ## A briefly trained net: max pooling vs average pooling
 
-Train the same small net twice with SGD (`kfc_ref.train`), once with max pooling and once with
+Train the same small net twice with SGD (`kfc_ref.experiments.train`), once with max pooling and once with
 average pooling, then run `sud_analysis` on held-out images.
 '''),
     code('''
 import tempfile
-from kfc_ref.train import TrainConfig, train
-from kfc_ref.sud import sud_analysis
-from kfc_ref import plotting
+from kfc_ref.experiments.train import TrainConfig, train
+from kfc_ref.theory.sud import sud_analysis
+from kfc_ref.experiments import plotting
 
 DATA = "digits" if QUICK else "mnist5k"
 iters = 10 if QUICK else 40
@@ -555,8 +555,8 @@ the optimizer interface directly (`opt.step`), measuring every few steps:
     code('''
 from kfc_ref.optim import SGD
 from kfc_ref.data import MinibatchStream
-from kfc_ref.sud import sud_summary
-from kfc_ref.models import build_model
+from kfc_ref.theory.sud import sud_summary
+from kfc_ref.nn.models import build_model
 
 data = runs["small"].dataset
 net = build_model("small", data.image_shape, data.num_classes)
@@ -605,9 +605,9 @@ whitening the activations (Section 4.1). SGD has no such property.
     code(SETUP),
     code(SHOW),
     code('''
-from kfc_ref.layers import Conv2d, Dense, Flatten, Tanh
-from kfc_ref.network import Sequential
-from kfc_ref.invariance import (random_reparameterization, dagger_network, dagger_params,
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
+from kfc_ref.nn.network import Sequential
+from kfc_ref.theory.invariance import (random_reparameterization, dagger_network, dagger_params,
                                 original_params, function_discrepancy, invariance_error)
 
 rng = np.random.default_rng(0)
@@ -641,7 +641,8 @@ for method, damping in (("kfc", None), ("sgd", None), ("diagonal-fisher", 1e-4),
 networks.
 '''),
     code('''
-from kfc_ref import experiments as ex, plotting
+from kfc_ref.experiments import studies as ex
+from kfc_ref.experiments import plotting
 from kfc_ref.data import load_dataset, preprocess
 import tempfile
 
@@ -682,7 +683,7 @@ breaks the Kronecker structure. Two answers:
     code(SETUP),
     code(SHOW),
     code('''
-from kfc_ref.damping import pi_trace, factored_inverse, eigen_factors
+from kfc_ref.curvature.damping import pi_trace, factored_inverse, eigen_factors
 
 rng = np.random.default_rng(0)
 def gram(d, scale):
@@ -714,9 +715,10 @@ damped KFC solve, and both with the damped solve of the *exact* Fisher block
 $(F+\\gamma I)^{-1}g$ of the same layer.
 '''),
     code('''
-from kfc_ref import experiments as ex, plotting
+from kfc_ref.experiments import studies as ex
+from kfc_ref.experiments import plotting
 from kfc_ref.data import load_dataset, preprocess
-from kfc_ref.figures import figure_damping, Results
+from kfc_ref.experiments.figures import figure_damping, Results
 import tempfile
 
 data = preprocess(load_dataset("digits"))
@@ -755,15 +757,15 @@ $T_s$ iterations, inverses every $T_f$), update clipping with $\\nu = v^\\top Fv
 The paper's headline (Figures 1-2): KFC-pre reaches a given training error several times faster
 than tuned SGD in wall-clock, and in far fewer iterations with large mini-batches.
 
-`kfc_ref.train.train` runs either optimizer and logs `metrics.csv`; this notebook runs a short
+`kfc_ref.experiments.train.train` runs either optimizer and logs `metrics.csv`; this notebook runs a short
 comparison (the committed figure at the end comes from `python -m kfc_ref tour`).
 '''),
     code(SETUP),
     code(SHOW),
     code('''
 import tempfile
-from kfc_ref.train import TrainConfig, TrainingStopped, train, read_metrics
-from kfc_ref import plotting
+from kfc_ref.experiments.train import TrainConfig, TrainingStopped, train, read_metrics
+from kfc_ref.experiments import plotting
 
 DATA = "digits" if QUICK else "mnist5k"
 iters = 8 if QUICK else 40

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from kfc_ref.backend import get_xp, to_numpy
-from kfc_ref.damping import eigen_factors, factored_inverse
-from kfc_ref.factors import network_factors
-from kfc_ref.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
-from kfc_ref.network import Sequential
-from kfc_ref.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.curvature.damping import eigen_factors, factored_inverse
+from kfc_ref.curvature.factors import network_factors
+from kfc_ref.nn.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
+from kfc_ref.nn.network import Sequential
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
 
 # Same float64 arithmetic in a different library (cuBLAS/cuSOLVER may reorder sums).
 RTOL = 1e-9

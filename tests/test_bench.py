@@ -1,8 +1,9 @@
 """Benchmarks run in quick mode and print their ratios (no timing is asserted)."""
 import json
 
-from kfc_ref.bench import main, network_flops
-from kfc_ref.models import cifar10_convnet
+from kfc_ref.experiments.bench import main
+from kfc_ref.experiments.bench.conv import network_flops
+from kfc_ref.nn.models import cifar10_convnet
 
 
 def test_conv_benchmark_quick(capsys):
@@ -33,8 +34,8 @@ def test_bad_device_is_reported(capsys):
 
 
 def test_speedup_iterations_counts_updates_to_a_target(tmp_path):
-    from kfc_ref.bench_speedup import first_iteration_below, iterations_to_target
-    from kfc_ref.train import TrainConfig
+    from kfc_ref.experiments.bench.speedup import first_iteration_below, iterations_to_target
+    from kfc_ref.experiments.train import TrainConfig
     assert first_iteration_below([{"iteration": 5.0, "train_error": 0.3},
                                   {"iteration": 10.0, "train_error": 0.05}], 0.1) == 10
     base = TrainConfig(data="digits", max_train=256, max_test=64, batch_size=64, eval_every=4,

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from kfc_ref import checkpoint
-from kfc_ref.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from kfc_ref.experiments import checkpoint
+from kfc_ref.experiments.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 
 
 def test_round_trip(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kfc_ref import __main__ as dispatcher
-from kfc_ref import checks
+from kfc_ref.experiments import checks
 from kfc_ref.backend import gpu_unavailable_reason
 
 checks.load_checks()

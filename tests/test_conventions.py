@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.expand import ConvGeometry, im2col
-from kfc_ref.factors import gamma_from_derivatives, omega_from_patches
-from kfc_ref.layers import Conv2d, Dense, Flatten, Tanh
-from kfc_ref.losses import softmax_cross_entropy
-from kfc_ref.network import Sequential
+from kfc_ref.nn.expand import ConvGeometry, im2col
+from kfc_ref.curvature.factors import gamma_from_derivatives, omega_from_patches
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
+from kfc_ref.nn.losses import softmax_cross_entropy
+from kfc_ref.nn.network import Sequential
 
 #: float64 sums of at most J*kh*kw <= 27 products of O(1) numbers: round-off ~1e-15.
 EXPLICIT_ATOL = 1e-12

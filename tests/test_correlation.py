@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.correlation: the SUD-analysis estimators (Appendix D.1, Figures 3 and 4).
+"""Tests for kfc_ref.theory.correlation: the SUD-analysis estimators (Appendix D.1, Figures 3 and 4).
 
 (a) equality with slow Python-loop twins on drawn shapes and values;
 (b) white noise -> off-centre correlations are O(1/sqrt(#pairs));
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kfc_ref.correlation import (
+from kfc_ref.theory.correlation import (
     DEFAULT_MAX_OFFSET,
     cross_map_correlation,
     mean_offcentre_correlation,

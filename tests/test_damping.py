@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.damping: pi (Eq. 8), factored damping (Eqs. 7, 20-22), exact damping (App. B.2).
+"""Tests for kfc_ref.curvature.damping: pi (Eq. 8), factored damping (Eqs. 7, 20-22), exact damping (App. B.2).
 
 * Eq. 7's residual is pi r (I kron Gamma) + (r/pi) (Omega kron I) exactly, and pi_trace (Eq. 8
   with the trace norm) is the argmin of the triangle-inequality bound on its trace norm, checked
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.damping import (
+from kfc_ref.curvature.damping import (
     eigen_factors, factored_inverse, natural_gradient, pi_trace, symmetrize,
 )
 

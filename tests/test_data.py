@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.datasets (file readers) and kfc_ref.data (loading, preprocessing, batches).
+"""Tests for kfc_ref.data.readers (file readers) and kfc_ref.data.datasets (loading, preprocessing, batches).
 
 CIFAR-10 and SVHN files are written in their official formats into tmp_path with a few
 records each; no network and no real data are needed.
@@ -10,7 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from kfc_ref import data, datasets
+from kfc_ref import data
+
+from kfc_ref.data import readers as datasets
 
 # float32 output of the whitening; float64 eigen-decomposition, lam >> epsilon in the test data.
 ZCA_COV_ATOL = 1e-4

@@ -3,9 +3,9 @@ allowed."""
 import numpy as np
 import pytest
 
-from kfc_ref.layers import Conv2d, Dense, Dropout
-from kfc_ref.models import cifar10_convnet, small_convnet, tiny_convnet
-from kfc_ref.pooling import MaxPool2d, ResponseNorm
+from kfc_ref.nn.layers import Conv2d, Dense, Dropout
+from kfc_ref.nn.models import cifar10_convnet, small_convnet, tiny_convnet
+from kfc_ref.nn.pooling import MaxPool2d, ResponseNorm
 
 
 @pytest.mark.parametrize("make, match", [

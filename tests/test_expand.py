@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from kfc_ref.expand import ConvGeometry, col2im, expand_homogeneous, im2col, output_size
-from kfc_ref.reference import im2col_loops
+from kfc_ref.nn.expand import ConvGeometry, col2im, expand_homogeneous, im2col, output_size
+from kfc_ref.nn.loops import im2col_loops
 from strategies import conv_cases, seeds, normal
 
 # Both sides sum the same float64 products in a different order: the difference is at most

@@ -9,10 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from kfc_ref import experiments as ex
-from kfc_ref import figures, plotting
-from kfc_ref.fisher import exact_layer_factors
-from kfc_ref.invariance import dagger_network, dagger_params, function_discrepancy
+from kfc_ref.experiments import studies as ex
+from kfc_ref.experiments import figures
+from kfc_ref.experiments import plotting
+from kfc_ref.curvature.fisher import exact_layer_factors
+from kfc_ref.theory.invariance import dagger_network, dagger_params, function_discrepancy
 
 #: Undamped KFC on N and on its whitened twin stay together to round-off amplified by the
 #: factors' condition numbers over a few steps (measured <= 2e-13 in float64).
@@ -150,7 +151,7 @@ def test_shrink_images_sizes():
 
 
 def test_training_run_keeps_the_log_of_a_diverged_run(tmp_path, monkeypatch):
-    import kfc_ref.train as train_module
+    import kfc_ref.experiments.train as train_module
 
     def exploding(cfg):
         os.makedirs(cfg.out, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.fisher: per-example gradients and the exact Fisher (Eq. 3) of tiny nets.
+"""Tests for kfc_ref.curvature.fisher: per-example gradients and the exact Fisher (Eq. 3) of tiny nets.
 
 (a) per-example gradients equal single-example backward passes (loop twin) and average to the
     batch gradient;
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.factors import gamma_from_derivatives
-from kfc_ref.fisher import (
+from kfc_ref.curvature.factors import gamma_from_derivatives
+from kfc_ref.curvature.fisher import (
     class_records,
     empirical_fisher,
     expected_gamma,
@@ -26,9 +26,9 @@ from kfc_ref.fisher import (
     per_example_gradients,
     true_fisher,
 )
-from kfc_ref.layers import Conv2d, Dense, Flatten, Tanh
-from kfc_ref.losses import softmax
-from kfc_ref.network import Sequential
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
+from kfc_ref.nn.losses import softmax
+from kfc_ref.nn.network import Sequential
 
 #: float64 equality of two orderings of the same sums of at most a few thousand products of
 #: O(1) numbers: round-off ~ 1e-13 relative; 1e-10 leaves a wide margin and still catches any
@@ -257,7 +257,7 @@ def test_core_path_runs_in_the_guarded_namespace():
     """true_fisher, MC Fisher and the ladder stay in the inputs' array module (CuPy stand-in)."""
     from guarded_xp import asguarded
     from kfc_ref.backend import get_xp, to_numpy
-    from kfc_ref.ladder import approximation_ladder
+    from kfc_ref.theory.ladder import approximation_ladder
 
     net = tiny_net()
     params = net.init(0, "float64")
@@ -279,7 +279,7 @@ def test_core_path_runs_in_the_guarded_namespace():
 
 
 def test_benchmarks_run_in_quick_mode(capsys):
-    from kfc_ref.bench_curvature import bench_exact_fisher, ladder_report
+    from kfc_ref.experiments.bench.curvature import bench_exact_fisher, ladder_report
 
     out = bench_exact_fisher(n=4, num_classes=3, repeats=1)
     assert out["num_params"] > 0 and out["seconds"] > 0 and out["peak_mib"] > 0

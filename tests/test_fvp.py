@@ -1,4 +1,4 @@
-"""Tests for the forward-mode passes and kfc_ref.fvp (exact Fisher quadratic forms, K-FAC App. J).
+"""Tests for the forward-mode passes and kfc_ref.curvature.fvp (exact Fisher quadratic forms, K-FAC App. J).
 
 (a) every layer's ``jvp`` equals centred finite differences of its ``forward`` (float64, drawn
     shapes; kinks of ReLU and ties of max-pooling are kept away from the perturbation);
@@ -13,12 +13,12 @@ import pytest
 from finite_differences import EPS, FD_RTOL, directional_fd
 from hypothesis import given, strategies as st
 
-from kfc_ref.fisher import kl_divergence, true_fisher
-from kfc_ref.fvp import fisher_gram, fisher_quadratic
-from kfc_ref.layers import Context, Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
-from kfc_ref.losses import softmax
-from kfc_ref.network import Sequential
-from kfc_ref.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.curvature.fisher import kl_divergence, true_fisher
+from kfc_ref.curvature.fvp import fisher_gram, fisher_quadratic
+from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
+from kfc_ref.nn.losses import softmax
+from kfc_ref.nn.network import Sequential
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
 
 #: Step of the centred differences (tests/finite_differences.py, which explains its size):
 #: piecewise-linear layers are exact up to rounding ~1e-16 |f| / FD_EPS ~ 1e-10, smooth ones
@@ -154,7 +154,7 @@ def test_fisher_quadratic_equals_dense_fisher(seed):
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v), fu @ F @ fv,
                                rtol=DENSE_RTOL)
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u), fu @ F @ fu, rtol=DENSE_RTOL)
-    # The backprop-built true Fisher (one backward pass per class, kfc_ref.fisher) agrees too.
+    # The backprop-built true Fisher (one backward pass per class, kfc_ref.curvature.fisher) agrees too.
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v),
                                fu @ true_fisher(net, params, x) @ fv, rtol=DENSE_RTOL)
     # Negative control: F_R = diag(p) alone (dropping -p p^T) is a different quadratic form.

@@ -13,7 +13,7 @@ Flatten, optionally a hidden tanh Dense, and a softmax Dense.  Shifts d are draw
 of unpadded convs and dense layers (the padding caveat); c is drawn everywhere.  The batch size
 is chosen so that every Omega has at least twice as many rows as columns, which makes the
 factors full rank (undamped KFC needs their inverses); the softmax layer's Gamma is always
-singular (Gamma 1 = 0), handled by the pseudo-inverse as explained in kfc_ref.invariance.
+singular (Gamma 1 = 0), handled by the pseudo-inverse as explained in kfc_ref.theory.invariance.
 """
 import math
 
@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from kfc_ref.expand import expand_homogeneous, im2col
-from kfc_ref.factors import network_factors
-from kfc_ref.invariance import (
+from kfc_ref.nn.expand import expand_homogeneous, im2col
+from kfc_ref.curvature.factors import network_factors
+from kfc_ref.theory.invariance import (
     AffineWrapped, PointwiseAffine, Reparameterization, dagger_network, dagger_params,
     expanded_transform, function_discrepancy, invariance_error, layer_transforms,
     original_params, preconditioned_update, random_reparameterization,
 )
-from kfc_ref.layers import Conv2d, Dense, Flatten, ReLU, Tanh
-from kfc_ref.network import Sequential
-from kfc_ref.pooling import MaxPool2d
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, ReLU, Tanh
+from kfc_ref.nn.network import Sequential
+from kfc_ref.nn.pooling import MaxPool2d
 
 #: N and N-dagger on the same input, float64: a few matmuls and solves with condition numbers
 #: <= 16 (U, V have singular values in [1/2, 2]); measured <= 3e-15, so 1e-12 leaves 300x.
@@ -288,8 +288,8 @@ def test_unsupported_networks_and_arguments_raise():
 def test_diagonal_fisher_control_is_the_diagonal_of_the_one_sample_fisher():
     """The negative control's preconditioner is what its name says: diag of the Monte-Carlo
     Fisher with one sampled target per example (same draws), in the W_bar layout."""
-    from kfc_ref.fisher import monte_carlo_fisher
-    from kfc_ref.invariance import _diagonal_fisher
+    from kfc_ref.curvature.fisher import monte_carlo_fisher
+    from kfc_ref.theory.invariance import _diagonal_fisher
     net, n = valid_net()
     params, x, _, _, _ = make_case(net, n, 0)
     records = net.sampled_records(params, x, np.random.default_rng(5))

@@ -1,4 +1,4 @@
-"""Tests for K-FAC with KFC blocks (kfc_ref.kfac; App. B.2 and K-FAC App. E-H).
+"""Tests for K-FAC with KFC blocks (kfc_ref.optim.kfac; App. B.2 and K-FAC App. E-H).
 
 (a) the (alpha, mu) of the quadratic-model solve minimise M(alpha Delta + mu delta_0) (Eq. 30
     with r -> r + lambda) against a brute-force grid evaluated with independent exact-F calls;
@@ -18,12 +18,12 @@ from hypothesis import given, strategies as st
 from scipy.linalg import block_diag
 from test_optim import NEVER, tiny_problem, train_digits, digits  # noqa: F401 (fixture)
 
-from kfc_ref.fvp import fisher_quadratic, output_jvp
-from kfc_ref.kfac import (
+from kfc_ref.curvature.fvp import fisher_quadratic, output_jvp
+from kfc_ref.optim.kfac import (
     KFAC, OMEGA1, OMEGA2, levenberg_marquardt, quadratic_model_step, solve_quadratic_model,
 )
-from kfc_ref.losses import softmax_cross_entropy
-from kfc_ref.optim import compact, expand, inner, loss_and_decayed_gradient
+from kfc_ref.nn.losses import softmax_cross_entropy
+from kfc_ref.optim.base import compact, expand, inner, loss_and_decayed_gradient
 
 #: M at the solved (alpha, mu) vs the brute-force grid: both are the same quadratic evaluated
 #: through different code paths, equal up to rounding (~1e-15 relative); a grid point one step

@@ -1,7 +1,7 @@
-"""Tests for kfc_ref.ladder: the approximation ladder of design.md section 6.
+"""Tests for kfc_ref.theory.ladder: the approximation ladder of design.md section 6.
 
-(a) the exact rung is the layer's block of the true Fisher (kfc_ref.fisher);
-(b) the KFC rung (built from the location moments) equals kfc_ref.factors' Omega kron Gamma with
+(a) the exact rung is the layer's block of the true Fisher (kfc_ref.curvature.fisher);
+(b) the KFC rung (built from the location moments) equals kfc_ref.curvature.factors' Omega kron Gamma with
     Gamma from the exact expectation over y;
 (c) the IAD and IAD+SUD rungs equal explicit loops over examples, classes and locations;
 (d) exact identities: N = 1 makes IAD exact; |T| = 1 collapses IAD, IAD+SUD and KFC; a 1x1
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.factors import kron_block
-from kfc_ref.fisher import class_records, exact_layer_factors, fisher_blocks, true_fisher
-from kfc_ref.ladder import RUNGS, approximation_ladder, format_ladder
-from kfc_ref.layers import Conv2d, Dense, Flatten, Tanh
-from kfc_ref.network import Sequential
+from kfc_ref.curvature.factors import kron_block
+from kfc_ref.curvature.fisher import class_records, exact_layer_factors, fisher_blocks, true_fisher
+from kfc_ref.theory.ladder import RUNGS, approximation_ladder, format_ladder
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
+from kfc_ref.nn.network import Sequential
 
 #: Every identity below compares float64 sums of <= ~10^4 O(1) products in different orders.
 EXACT_RTOL = 1e-10

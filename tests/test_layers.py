@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.layers import Context, Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
-from kfc_ref.pooling import AvgPool2d, MaxPool2d, ResponseNorm
-from kfc_ref.reference import conv2d_loops, pool_loops, response_norm_loops
+from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.loops import conv2d_loops, pool_loops, response_norm_loops
 from finite_differences import assert_vjp_matches
 from strategies import conv_cases, distinct, normal, pool_cases, seeds
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.losses import (classification_error, cross_entropy, sample_targets, softmax,
+from kfc_ref.nn.losses import (classification_error, cross_entropy, sample_targets, softmax,
                             softmax_cross_entropy)
 from finite_differences import assert_vjp_matches
 from strategies import normal, seeds

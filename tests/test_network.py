@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 
-from kfc_ref.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
-from kfc_ref.losses import softmax_cross_entropy
-from kfc_ref.models import build_model, cifar10_convnet, small_convnet, tiny_convnet
-from kfc_ref.network import Sequential
-from kfc_ref.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
+from kfc_ref.nn.losses import softmax_cross_entropy
+from kfc_ref.nn.models import build_model, cifar10_convnet, small_convnet, tiny_convnet
+from kfc_ref.nn.network import Sequential
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
 from finite_differences import EPS, FD_RTOL, directional_fd
 from strategies import seeds
 

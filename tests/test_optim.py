@@ -1,4 +1,4 @@
-"""Tests for the optimizer interface, SGD and KFC-pre (kfc_ref.optim, kfc_ref.kfc_pre; App. B.1).
+"""Tests for the optimizer interface, SGD and KFC-pre (kfc_ref.optim.base, kfc_ref.optim.kfc_pre; App. B.1).
 
 (a) one KFC-pre step (no momentum, no clipping, given factors) equals the dense solve with the
     damped block-diagonal approximate Fisher (Omega + pi r I) kron (Gamma + r/pi I),
@@ -20,15 +20,14 @@ from sklearn.datasets import load_digits
 
 from guarded_xp import asguarded, guarded
 from kfc_ref.backend import get_xp, to_numpy
-from kfc_ref.damping import pi_trace
-from kfc_ref.factors import network_factors
-from kfc_ref.fvp import fisher_quadratic
-from kfc_ref.kfc_pre import KFCPre, average_factors, estimate_factors
-from kfc_ref.losses import cross_entropy
-from kfc_ref.models import small_convnet, tiny_convnet
-from kfc_ref.optim import (
-    SGD, compact, make_optimizer, state_from_numpy, state_to_numpy, subset_indices,
-)
+from kfc_ref.curvature.damping import pi_trace
+from kfc_ref.curvature.factors import network_factors
+from kfc_ref.curvature.fvp import fisher_quadratic
+from kfc_ref.optim import SGD, KFCPre, make_optimizer
+from kfc_ref.optim.kronecker import average_factors, estimate_factors
+from kfc_ref.nn.losses import cross_entropy
+from kfc_ref.nn.models import small_convnet, tiny_convnet
+from kfc_ref.optim.base import compact, state_from_numpy, state_to_numpy, subset_indices
 
 #: KFC-pre step vs the dense P x P solve (float64).  The damped block-diagonal matrices here
 #: have condition numbers below ~1e4, so both solves agree to ~1e-16 * 1e4 = 1e-12 relative
@@ -318,7 +317,7 @@ def test_state_conversion_keeps_scalars_and_structure():
 
 
 def test_overhead_benchmark_runs_in_quick_mode():
-    from kfc_ref.bench_optim import bench_optim, format_report, measure_overhead
+    from kfc_ref.experiments.bench.optim import bench_optim, format_report, measure_overhead
     net = small_convnet((1, 8, 8), 10, channels=(4, 4))
     out = bench_optim(batch_size=8, quick=True, net=net, dtype="float64")
     assert out["reps"] == 1 and out["stats_period"] == 5 and out["ratio_wall"] > 0

@@ -2,9 +2,9 @@
 max- vs average-pool summaries come out per conv layer."""
 import numpy as np
 
-from kfc_ref.losses import sample_targets, softmax_cross_entropy
-from kfc_ref.models import small_convnet
-from kfc_ref.sud import conv_layer_indices, derivative_images, sud_analysis
+from kfc_ref.nn.losses import sample_targets, softmax_cross_entropy
+from kfc_ref.nn.models import small_convnet
+from kfc_ref.theory.sud import conv_layer_indices, derivative_images, sud_analysis
 
 
 def test_derivative_images_are_the_backpropagated_maps():

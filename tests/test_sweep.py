@@ -1,8 +1,8 @@
 """The learning-rate sweep picks the rate with the lowest training error; diverged runs lose."""
 import os
 
-from kfc_ref.sweep import lr_sweep, main
-from kfc_ref.train import TrainConfig
+from kfc_ref.experiments.sweep import lr_sweep, main
+from kfc_ref.experiments.train import TrainConfig
 
 
 def test_sweep_picks_the_best_rate_and_scores_divergence(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.theorem1: beta (Eqs. 17, 48 and the general-stride form), the synthetic
+"""Tests for kfc_ref.theory.theorem1: beta (Eqs. 17, 48 and the general-stride form), the synthetic
 Gaussian fields, and Theorem 1 itself (Eqs. 16-19, 47) checked *exactly*.
 
 E[vec(DW_bar) vec(DW_bar)^T] is computed without sampling (``exact_gradient_second_moment``:
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.expand import ConvGeometry, expand_homogeneous, im2col
-from kfc_ref.fisher import layer_gradient_vectors
-from kfc_ref.layers import Conv2d
-from kfc_ref.theorem1 import (
+from kfc_ref.nn.expand import ConvGeometry, expand_homogeneous, im2col
+from kfc_ref.curvature.fisher import layer_gradient_vectors
+from kfc_ref.nn.layers import Conv2d
+from kfc_ref.theory.theorem1 import (
     StationaryGaussianField,
     beta,
     beta_axis,

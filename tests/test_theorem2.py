@@ -1,5 +1,5 @@
 """Tests for Theorem 2 (Eq. 23, 54-69): the Gram estimators of Omega and Gamma, which
-``kfc_ref.factors`` implements, against the beta-weighted construction of Theorem 1, and the
+``kfc_ref.curvature.factors`` implements, against the beta-weighted construction of Theorem 1, and the
 special cases where KFC is exact.
 
 (a) under exact SH statistics E[[[A]]_H^T [[A]]_H] equals
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from kfc_ref.expand import ConvGeometry, im2col
-from kfc_ref.factors import gamma_from_derivatives, network_factors, omega_from_patches
-from kfc_ref.fisher import exact_layer_factors, fisher_blocks, per_example_gradients, true_fisher
-from kfc_ref.layers import Conv2d, Dense, Flatten, Tanh
-from kfc_ref.network import Sequential
-from kfc_ref.theorem1 import (
+from kfc_ref.nn.expand import ConvGeometry, im2col
+from kfc_ref.curvature.factors import gamma_from_derivatives, network_factors, omega_from_patches
+from kfc_ref.curvature.fisher import exact_layer_factors, fisher_blocks, per_example_gradients, true_fisher
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
+from kfc_ref.nn.network import Sequential
+from kfc_ref.theory.theorem1 import (
     StationaryGaussianField,
     beta_vector,
     exact_omega,

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from kfc_ref import tour
+from kfc_ref.experiments import tour
 from kfc_ref.__main__ import main as cli_main
 
 SECTIONS = ("## Theorem checks", "## The SUD assumption measured", "## KFC-pre vs SGD",
@@ -53,7 +53,7 @@ def test_tour_rejects_an_unknown_option():
 
 def test_summary_reports_a_diverged_run():
     from types import SimpleNamespace
-    from kfc_ref.experiments import QUICK
+    from kfc_ref.experiments.studies import QUICK
     rows = [{"iteration": 2.0, "wall_seconds": 1.0, "train_loss": 1.0, "train_error": 0.5,
              "test_loss": 1.1, "test_error": 0.6}]
     res = SimpleNamespace(budget=QUICK, archs=("small", "small-avg"), runs={

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from kfc_ref import train as train_mod
-from kfc_ref.checkpoint import load_checkpoint
-from kfc_ref.train import TrainConfig, TrainingStopped, main, read_metrics, train
+from kfc_ref.experiments import train as train_mod
+from kfc_ref.experiments.checkpoint import load_checkpoint
+from kfc_ref.experiments.train import TrainConfig, TrainingStopped, main, read_metrics, train
 
 SMALL = dict(data="digits", max_train=256, max_test=64, batch_size=32, quiet=True, seed=3)
 
