@@ -35,6 +35,9 @@ import math
 import numpy as _host_np  # host-side state conversion only
 
 from kfc_ref.backend import get_xp, to_device, to_numpy
+from kfc_ref.validate import (  # noqa: F401  (re-exported for the optimizers)
+    check_fraction, check_int, check_number, check_positive,
+)
 
 #: Parameter-averaging timescale of the paper, in training examples (Section 5.2).
 AVERAGING_EXAMPLES = 50_000
@@ -42,34 +45,14 @@ AVERAGING_EXAMPLES = 50_000
 DEFAULT_MOMENTUM = 0.9
 
 
-# --------------------------------------------------------------------------- argument checks
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    """A finite number > 0 (or >= 0 with ``allow_zero``); raise naming the argument otherwise."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} is not allowed; expected a finite number {bound}")
-    return float(value)
+def check_momentum(value) -> float:
+    """Momentum mu in [0, 1)."""
+    return check_number("momentum", value, minimum=0.0, maximum=1.0, exclusive_maximum=True)
 
 
 def check_period(name: str, value) -> int:
-    """An integer >= 1 (an iteration period)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= 1")
-    return value
-
-
-def check_fraction(name: str, value) -> float:
-    """A fraction of the mini-batch in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name}={value!r} is not allowed; expected a fraction in (0, 1]")
-    return float(value)
-
-
-def check_momentum(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"momentum={value!r} is not allowed; expected a number in [0, 1)")
-    return float(value)
+    """An iteration period: an integer >= 1."""
+    return check_int(name, value, minimum=1)
 
 
 # --------------------------------------------------------------------------- parameter lists
