@@ -12,6 +12,14 @@ back.  ``GuardedArray`` is an ndarray subclass whose namespace (``__array_namesp
   CuPy's refusal of implicit device-to-host transfers.
 
 Functions reached through ``guarded.<name>`` run NumPy with the guard lifted and wrap results.
+
+It also *counts*, as a CPU stand-in for what a GPU run would cost (:func:`counting`):
+
+* ``launches``: every namespace call, ufunc (arithmetic, reductions, ``@``) and element
+  assignment on guarded arrays -- each would be at least one kernel launch on CuPy (views made
+  by basic slicing are free and not counted);
+* ``syncs``: every device-to-host read -- ``float()``, ``int()``, ``bool()`` (an ``if`` on an
+  array), ``.item()``, ``.tolist()`` and ``kfc_ref.backend.to_numpy``.
 """
 from __future__ import annotations
 
@@ -22,6 +30,41 @@ import types
 import numpy as np
 
 _state = threading.local()
+
+
+class Counts:
+    """Launch and sync counters, reset by :func:`counting`."""
+
+    def __init__(self):
+        self.launches = 0
+        self.syncs = 0
+
+    def __repr__(self):
+        return f"Counts(launches={self.launches}, syncs={self.syncs})"
+
+
+COUNTS = Counts()
+
+
+@contextlib.contextmanager
+def counting():
+    """``with counting() as c: ...`` -> c.launches, c.syncs for the code inside."""
+    global COUNTS
+    outer, COUNTS = COUNTS, Counts()
+    try:
+        yield COUNTS
+    finally:
+        COUNTS = outer
+
+
+def _launch():
+    if not _allowed():
+        COUNTS.launches += 1
+
+
+def _sync():
+    if not _allowed():
+        COUNTS.syncs += 1
 
 
 def _allowed() -> bool:
@@ -50,6 +93,8 @@ def _unwrap(obj):
 def _wrap(obj):
     if isinstance(obj, np.ndarray) and not isinstance(obj, GuardedArray):
         return obj.view(GuardedArray)
+    if isinstance(obj, np.generic):          # CuPy reductions give 0-d device arrays
+        return np.asarray(obj).view(GuardedArray)
     if isinstance(obj, tuple):
         return tuple(_wrap(o) for o in obj)
     if isinstance(obj, list):
@@ -64,7 +109,50 @@ class GuardedArray(np.ndarray):
         return guarded
 
     def __kfc_host__(self):
+        _sync()
         return np.array(self.view(np.ndarray))
+
+    # device -> host reads: each one a synchronisation on a GPU
+    def __float__(self):
+        _sync()
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        _sync()
+        return int(self.view(np.ndarray))
+
+    def __index__(self):
+        _sync()
+        return self.view(np.ndarray).__index__()
+
+    def __bool__(self):
+        _sync()
+        return bool(self.view(np.ndarray))
+
+    def item(self, *args):
+        _sync()
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        _sync()
+        return self.view(np.ndarray).tolist()
+
+    def __setitem__(self, key, value):
+        _launch()
+        if isinstance(value, np.ndarray) and not isinstance(value, GuardedArray) \
+                and value.ndim > 0:
+            raise TypeError(f"assigned a plain numpy array of shape {value.shape} into a "
+                            "guarded array (created outside the namespace)")
+        with _lifted():
+            self.view(np.ndarray)[_unwrap(key)] = _unwrap(value)
+
+    def __getitem__(self, key):
+        fancy = any(isinstance(k, (np.ndarray, list)) for k in
+                    (key if isinstance(key, tuple) else (key,)))
+        if fancy:
+            _launch()
+        with _lifted():
+            return _wrap(self.view(np.ndarray)[_unwrap(key)])
 
     def __array__(self, dtype=None, copy=None):
         if _allowed():
@@ -85,6 +173,7 @@ class GuardedArray(np.ndarray):
             if isinstance(a, np.ndarray) and not isinstance(a, GuardedArray) and a.ndim > 0:
                 raise TypeError(f"ufunc {ufunc.__name__} mixed a guarded array with a plain "
                                 f"numpy array of shape {a.shape} (created outside the namespace)")
+        _launch()
         with _lifted():
             if "out" in kwargs:
                 kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
@@ -99,6 +188,7 @@ class _GuardedLinalg(types.SimpleNamespace):
 
 def _guarded_function(fn):
     def call(*args, **kwargs):
+        _launch()
         with _lifted():
             return _wrap(fn(*_unwrap(args), **_unwrap(kwargs)))
     call.__name__ = getattr(fn, "__name__", "guarded")
