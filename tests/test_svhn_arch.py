@@ -88,3 +88,12 @@ def test_train_end_to_end_on_synthetic_mat_then_sud(tmp_path, capsys):
         layers = json.load(fh)["layers"]
     assert [l["derivatives"]["maps"] for l in layers] == [96, 128, 256]
     capsys.readouterr()
+
+
+def test_average_pooled_twin_replaces_every_max_pool():
+    from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d
+    mx, av = build_model("svhn", (3, 32, 32), 10), build_model("svhn-avg", (3, 32, 32), 10)
+    assert sum(isinstance(l, MaxPool2d) for l in mx.layers) == 3
+    assert sum(isinstance(l, AvgPool2d) for l in av.layers) == 3
+    assert not any(isinstance(l, MaxPool2d) for l in av.layers)
+    assert mx.shapes == av.shapes and mx.num_params == av.num_params

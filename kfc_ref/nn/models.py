@@ -98,7 +98,7 @@ OUTPUT_INIT_STD = 0.01
 
 
 def svhn_convnet(input_shape=(3, 32, 32), num_classes: int = 10, widths=(96, 128, 256),
-                 hidden=(2048, 2048), dropout=SVHN_DROPOUT) -> Sequential:
+                 hidden=(2048, 2048), dropout=SVHN_DROPOUT, pool: str = "max") -> Sequential:
     """The SVHN net the paper trains (Section 5: "the architecture of Srivastava (2013) ...
     three convolutional layers followed by three fully connected layers, and uses dropout"):
 
@@ -124,15 +124,20 @@ def svhn_convnet(input_shape=(3, 32, 32), num_classes: int = 10, widths=(96, 128
     normalisation of the input (the training code standardises each channel); He-normal
     conv and hidden weights, output weights with std :data:`OUTPUT_INIT_STD`.  Not built:
     the max-norm constraint (an optimizer feature).  ``widths``, ``hidden`` and ``dropout``
-    are parameters so tests can build a narrow twin.
+    are parameters so tests can build a narrow twin.  ``pool="avg"`` replaces every max-pool
+    by a 3x3/2 average pool (Appendix D.1, Figure 3 c-d: "max-pooling is replaced by average
+    pooling"; arch ``svhn-avg``).
     """
+    if pool not in ("max", "avg"):
+        raise ValueError(f"pool={pool!r} is not supported; use 'max' or 'avg'")
     if len(widths) != 3 or len(hidden) != 2 or len(dropout) != 6:
         raise ValueError("svhn_convnet: widths needs 3 entries, hidden 2 and dropout 6; got "
                          f"{len(widths)}, {len(hidden)}, {len(dropout)}")
     c = input_shape[0]
     layers = [Dropout(dropout[0])]
     for w, rate in zip(widths, dropout[1:4]):
-        layers += [Conv2d(c, w, 5, padding=2), ReLU(), MaxPool2d(3, 2, ceil_mode=True),
+        layers += [Conv2d(c, w, 5, padding=2), ReLU(),
+                   (MaxPool2d if pool == "max" else AvgPool2d)(3, 2, ceil_mode=True),
                    Dropout(rate)]
         c = w
     layers.append(Flatten())
@@ -143,7 +148,7 @@ def svhn_convnet(input_shape=(3, 32, 32), num_classes: int = 10, widths=(96, 128
     return Sequential(layers + [Dense(flat, num_classes, init_std=OUTPUT_INIT_STD)], input_shape)
 
 
-ARCHITECTURES = ("tiny", "small", "small-avg", "cifar10", "cifar10-avg", "svhn")
+ARCHITECTURES = ("tiny", "small", "small-avg", "cifar10", "cifar10-avg", "svhn", "svhn-avg")
 
 
 def build_model(name: str, input_shape, num_classes: int) -> Sequential:
@@ -157,6 +162,6 @@ def build_model(name: str, input_shape, num_classes: int) -> Sequential:
     if name in ("cifar10", "cifar10-avg"):
         return cifar10_convnet("avg" if name.endswith("avg") else "max", input_shape,
                                num_classes)
-    if name == "svhn":
-        return svhn_convnet(input_shape, num_classes)
+    if name in ("svhn", "svhn-avg"):
+        return svhn_convnet(input_shape, num_classes, pool="avg" if name.endswith("avg") else "max")
     raise ValueError(f"arch={name!r} is not supported; use one of {ARCHITECTURES}")
