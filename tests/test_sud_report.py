@@ -129,3 +129,24 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error:") and err.count("\n") == 1
     with pytest.raises(Exception, match="examples"):
         sud_report(str(tmp_path), examples=1)
+
+
+def test_history_recorded_during_training_is_drawn(run_dir, tmp_path):
+    """What train will do every k evaluations: record_sud_history on fixed images; a repeated
+    iteration (after --resume) supersedes the earlier line; sud draws sud_history."""
+    import shutil
+    from kfc_ref.experiments.sud_report import read_sud_history, record_sud_history
+    run = str(tmp_path / "run")
+    shutil.copytree(run_dir, run)
+    net, params, data, _ = load_run(run)
+    x = data.x_test[:20]
+    for it in (10, 20, 20):
+        rec = record_sud_history(run, it, net, params, x, np.random.default_rng(it), 2)
+    assert rec["layers"][0]["derivatives"]["dead_maps"] == 1
+    history = read_sud_history(run)
+    assert [h["iteration"] for h in history] == [10, 20]
+    with open(os.path.join(run, "sud_history.jsonl"), "a") as fh:
+        fh.write('{"iteration": 3')                     # a torn last line is skipped
+    assert len(read_sud_history(run)) == 2
+    assert cli(["sud", run, "--examples", "20", "--max-offset", "2"]) == 0
+    assert os.path.exists(os.path.join(run, "sud", "sud_history.png"))

@@ -118,6 +118,26 @@ def plot_sud_profile(panels: list[tuple[str, dict[str, tuple]]], title: str, out
     return save_figure(fig, out_dir, name)
 
 
+def plot_sud_history(iterations, panels: list[tuple[str, dict[str, tuple]]], title: str,
+                     out_dir: str, name: str) -> list[str]:
+    """One panel per field: {layer label: (values, baseline)} against ``iterations``; values
+    solid with dots, the baseline dashed in the same colour."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.9), squeeze=False)
+    for ax, (panel_title, layers) in zip(axes[0], panels):
+        for k, (label, (values, base)) in enumerate(layers.items()):
+            ax.plot(iterations, values, "o-", ms=3, color=f"C{k}", label=label)
+            ax.plot(iterations, base, "--", color=f"C{k}", lw=1)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("mean |correlation|")
+        ax.set_ylim(bottom=0)
+        ax.set_title(panel_title)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
 def plot_sud_bars(labels: list[str], series: dict[str, list[float]], out_dir: str,
                   name: str, ylabel: str = "mean |corr.| at non-zero offsets") -> list[str]:
     """Grouped bars: one group per layer, one bar per series (e.g. max vs average pooling)."""

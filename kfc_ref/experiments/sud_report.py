@@ -14,7 +14,9 @@ takes the first ``examples`` images of a split, samples one target per image fro
   baseline dashed;
 * ``sud_summary.json``: per layer, for derivatives and activations, mean |correlation| at
   offsets 1..R and overall, dead maps (count and indices; left out of every average), the
-  shuffled-example baseline (:mod:`kfc_ref.theory.sud`), and how it was computed.
+  shuffled-example baseline (:mod:`kfc_ref.theory.sud`), and how it was computed;
+* ``sud_history.{png,pdf}`` when the run recorded the summary during training
+  (:func:`record_sud_history` writes ``RUN_DIR/sud_history.jsonl``).
 
 :func:`read_run_config` is the one place that knows the layout of ``config.json``.
 """
@@ -31,12 +33,11 @@ from kfc_ref.backend import DEVICES, check_device, namespace_for
 from kfc_ref.data import DATASET_NAMES, load_dataset, preprocess
 from kfc_ref.experiments import plotting
 from kfc_ref.experiments.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint
-from kfc_ref.experiments.train import DEFAULT_ARCH
 from kfc_ref.nn.models import ARCHITECTURES, build_model
 from kfc_ref.optim import state_from_numpy
 from kfc_ref.optim.base import expand
 from kfc_ref.theory.correlation import DEFAULT_MAX_OFFSET
-from kfc_ref.theory.sud import sud_analysis, summaries_to_json
+from kfc_ref.theory.sud import sud_analysis, sud_layer_summaries, summaries_to_json
 from kfc_ref.validate import ArgumentError, check_choice, check_int
 
 DEFAULT_EXAMPLES = 500
@@ -71,6 +72,7 @@ def read_run_config(run_dir: str) -> dict:
             if os.path.isdir(os.path.join(base, data_dir)):
                 data_dir = os.path.join(base, data_dir)
                 break
+    from kfc_ref.experiments.train import DEFAULT_ARCH   # lazy: train may import this module
     arch = cfg.get("arch") or DEFAULT_ARCH[data]
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: arch={arch!r} is not one of {ARCHITECTURES}")
@@ -100,6 +102,61 @@ def load_run(run_dir: str, device: str = "cpu", params: str = "averaged", data_d
     else:
         values = net.unflatten(xp.asarray(arrays["theta"]))
     return net, values, dataset, cfg
+
+
+# --------------------------------------------------------------------------- over training
+SUD_HISTORY_NAME = "sud_history.jsonl"
+
+
+def record_sud_history(run_dir: str, iteration: int, net, params, x, rng,
+                       max_offset: int = DEFAULT_MAX_OFFSET) -> dict:
+    """Append one line {"iteration", "examples", "max_offset", "layers"} to
+    ``RUN_DIR/sud_history.jsonl``, with ``layers`` from
+    :func:`kfc_ref.theory.sud.sud_layer_summaries` on the fixed inputs ``x`` (device array,
+    e.g. the first 256 test images) with targets sampled from ``rng``; returns the record.
+    ``sud RUN_DIR`` then also draws ``sud_history.{png,pdf}``.  A line for an iteration that
+    is already there (after ``--resume``) supersedes the earlier one when read."""
+    record = {"iteration": int(iteration), "examples": int(x.shape[0]),
+              "max_offset": int(max_offset),
+              "layers": sud_layer_summaries(net, params, x, rng, max_offset)}
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, SUD_HISTORY_NAME), "a") as fh:
+        fh.write(json.dumps(record, allow_nan=False) + "\n")
+    return record
+
+
+def read_sud_history(run_dir: str) -> list[dict]:
+    """The records of ``RUN_DIR/sud_history.jsonl`` by iteration (the last line per iteration
+    wins; a truncated last line is skipped); [] when there is none."""
+    path = os.path.join(run_dir, SUD_HISTORY_NAME)
+    if not os.path.exists(path):
+        return []
+    by_iteration = {}
+    with open(path) as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_iteration[int(record["iteration"])] = record
+    return [by_iteration[k] for k in sorted(by_iteration)]
+
+
+def plot_history(history: list[dict], out: str) -> list[str]:
+    """sud_history.{png,pdf}: mean |corr.| at non-zero offsets per layer against iteration,
+    derivatives and activations, shuffled baseline dashed."""
+    its = [h["iteration"] for h in history]
+    panels = []
+    for field in ("derivatives", "activations"):
+        series = {}
+        for k, layer in enumerate(history[-1]["layers"]):
+            def values(key, k=k):
+                return np.array([np.nan if h["layers"][k][field][key] is None
+                                 else h["layers"][k][field][key] for h in history], dtype=float)
+            series[layer["layer"]] = (values("mean_abs_corr"), values("shuffled_baseline"))
+        panels.append((field, series))
+    return plotting.plot_sud_history(its, panels, "SUD over training (mean |corr.|, offsets "
+                                     "!= 0; dashed: shuffled baseline)", out, "sud_history")
 
 
 def _rows(results, field: str, maps):
@@ -157,6 +214,9 @@ def sud_report(run_dir: str, out: str | None = None, *, examples: int = DEFAULT_
                    np.array(l[field]["shuffled_baseline_by_offset"], dtype=float))
                   for l in layers}) for field in ("derivatives", "activations")],
         f"SUD by offset; {where}", out, "sud_profile", note=DEAD_NOTE)
+    history = read_sud_history(run_dir)
+    if history:
+        plot_history(history, out)
     summary = {"run_dir": os.path.abspath(run_dir), "arch": cfg["arch"], "data": cfg["data"],
                "split": split, "examples": n, "max_offset": max_offset, "seed": seed,
                "params": params, "device": device,
@@ -222,6 +282,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    print(f"wrote sud_derivatives, sud_activations, sud_profile (.png, .pdf) and "
+    print(f"wrote sud_derivatives, sud_activations, sud_profile"
+          f"{', sud_history' if read_sud_history(args.run_dir) else ''} (.png, .pdf) and "
           f"sud_summary.json to {args.out or os.path.join(args.run_dir, 'sud')}")
     return 0
