@@ -11,8 +11,11 @@
   via ``curvature.factors``) does not depend on the sampled targets, so it must equal
   (1/N) sum_n [[A_n]]_H^T [[A_n]]_H (Theorem 2) built from [[A]]_H directly, to round-off.
 * ``estimators.gamma_unbiased``: the mean of M estimates of Gamma (one sampled target per
-  example each) against its exact expectation (``curvature.fisher.expected_gamma``), scaled by
-  the exact Monte-Carlo standard error.
+  example each) against its exact expectation, scaled by the exact Monte-Carlo standard error.
+  The expectation sum_n sum_c p_nc DS_nc^T DS_nc / (N |T|) is built here by enumerating the
+  classes; it equals ``curvature.fisher.expected_gamma`` (tests pin that), which is not used
+  directly because it shares ``factors.gamma_from_derivatives`` with the estimator, so a wrong
+  convention there would cancel out.
 * Negative controls: Gamma without its 1/|T| (``control.gamma_without_1_over_T``) and Omega
   divided by |T| (``control.omega_divided_by_T``) must fail these checks.
 """
@@ -216,35 +219,30 @@ def _omega_over_t(f):
     return {**f, "Omega": f["Omega"] / f["T"]}
 
 
-@register("estimators.omega_exact", "the optimizers' Omega (estimate_factors, Eq. 23) equals "
-          "(1/N) sum_n [[A_n]]_H^T [[A_n]]_H built from [[A]]_H, every layer (no sampling)")
-def check_omega_exact(rng, dtype, xp):
-    net, params, x = _estimator_case(rng, dtype, xp)
-    return measured("estimators.omega_exact", omega_error(net, params, x, rng), OMEGA_TOL, dtype)
+def _estimator_check(name, statistic, tol, mutate=None, expect="below", detail=""):
+    """A check ``(rng, dtype, xp) -> CheckResult`` measuring ``statistic(net, params, x, rng,
+    mutate=mutate)`` on a fresh :func:`_estimator_case`."""
+    def check(rng, dtype, xp):
+        net, params, x = _estimator_case(rng, dtype, xp)
+        return measured(name, statistic(net, params, x, rng, mutate=mutate), tol, dtype,
+                        detail, expect)
+    return check
 
 
-@register("estimators.gamma_unbiased", "the optimizers' Gamma (estimate_factors, one sampled "
-          "target per example) averages to E[Gamma] (expected_gamma): ||mean of 200 - E|| in "
-          "units of its exact standard error, max over layers (false alarm < 2e-6)")
-def check_gamma_unbiased(rng, dtype, xp):
-    net, params, x = _estimator_case(rng, dtype, xp)
-    return measured("estimators.gamma_unbiased", gamma_z(net, params, x, rng), Z_GAMMA, dtype,
-                    f"{GAMMA_DRAWS} draws, convs with |T| = 16, 4 and a dense layer")
-
-
-@register("control.gamma_without_1_over_T", "negative control: Gamma without its 1/|T| "
-          "(times |T|) must fail estimators.gamma_unbiased")
-def check_gamma_mutated(rng, dtype, xp):
-    net, params, x = _estimator_case(rng, dtype, xp)
-    return measured("control.gamma_without_1_over_T",
-                    gamma_z(net, params, x, rng, mutate=_gamma_times_t), Z_GAMMA, dtype,
-                    expect="above")
-
-
-@register("control.omega_divided_by_T", "negative control: Omega divided by |T| must fail "
-          "estimators.omega_exact")
-def check_omega_mutated(rng, dtype, xp):
-    net, params, x = _estimator_case(rng, dtype, xp)
-    return measured("control.omega_divided_by_T",
-                    omega_error(net, params, x, rng, mutate=_omega_over_t), OMEGA_TOL, dtype,
-                    expect="above")
+register("estimators.omega_exact", "the optimizers' Omega (estimate_factors, Eq. 23) equals "
+         "(1/N) sum_n [[A_n]]_H^T [[A_n]]_H built from [[A]]_H, every layer (no sampling)")(
+    _estimator_check("estimators.omega_exact", omega_error, OMEGA_TOL))
+register("estimators.gamma_unbiased", "the optimizers' Gamma (estimate_factors, one sampled "
+         "target per example) averages to E[Gamma] (class enumeration, = expected_gamma): "
+         "||mean of 200 - E|| in units of its exact standard error, max over layers (false "
+         "alarm < 2e-6)")(
+    _estimator_check("estimators.gamma_unbiased", gamma_z, Z_GAMMA,
+                     detail=f"{GAMMA_DRAWS} draws, convs with |T| = 16, 4 and a dense layer"))
+register("control.gamma_without_1_over_T", "negative control: Gamma without its 1/|T| (times "
+         "|T|) must fail estimators.gamma_unbiased")(
+    _estimator_check("control.gamma_without_1_over_T", gamma_z, Z_GAMMA, _gamma_times_t,
+                     "above"))
+register("control.omega_divided_by_T", "negative control: Omega divided by |T| must fail "
+         "estimators.omega_exact")(
+    _estimator_check("control.omega_divided_by_T", omega_error, OMEGA_TOL, _omega_over_t,
+                     "above"))
