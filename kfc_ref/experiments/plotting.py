@@ -37,6 +37,12 @@ def _pyplot():
     return plt
 
 
+def _wrap(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (figure notes)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def save_figure(fig, out_dir: str, name: str, formats=("png", "pdf")) -> list[str]:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; close it; return the paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -80,7 +86,9 @@ def plot_correlation_panels(rows: list[tuple], title: str, out_dir: str,
             ax = axes[r, k]
             ax.imshow(auto[c], vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{label}, map {c}" if k == 0 else f"map {c}")
+            ax.set_title(f"map {c}")
+            if k == 0:
+                ax.set_ylabel(label)
         ax = axes[r, maps]
         im = ax.imshow(cross, vmin=0, vmax=1)
         ax.set_xticks([]), ax.set_yticks([])
@@ -88,7 +96,7 @@ def plot_correlation_panels(rows: list[tuple], title: str, out_dir: str,
     fig.colorbar(im, ax=axes, shrink=0.6, label="|correlation|")
     fig.suptitle(title)
     if note:
-        fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=7)
+        fig.text(0.5, 0.0, _wrap(note, 14 * (maps + 1)), ha="center", va="top", fontsize=7)
     return save_figure(fig, out_dir, name)
 
 
@@ -114,7 +122,7 @@ def plot_sud_profile(panels: list[tuple[str, dict[str, tuple]]], title: str, out
     fig.suptitle(title)
     fig.tight_layout()
     if note:
-        fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=7)
+        fig.text(0.5, 0.0, _wrap(note, 40 * len(panels)), ha="center", va="top", fontsize=7)
     return save_figure(fig, out_dir, name)
 
 
