@@ -29,7 +29,6 @@ from kfc_ref.backend import get_xp, to_numpy
 from kfc_ref.curvature.fisher import class_records, monte_carlo_fisher, per_example_gradients
 from kfc_ref.experiments.checks import measured, register
 from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
-from kfc_ref.nn.losses import softmax
 from kfc_ref.nn.network import Sequential
 from kfc_ref.optim.kronecker import estimate_factors
 
