@@ -12,6 +12,7 @@ COMMANDS = {
     "check": ("kfc_ref.experiments.checks", "run the paper's theorem checks on fresh random cases"),
     "train": ("kfc_ref.experiments.train", "train a net with SGD, KFC-pre or K-FAC and log metrics"),
     "sweep": ("kfc_ref.experiments.sweep", "learning-rate sweep over {0.3, 0.1, ..., 0.0003}"),
+    "sud": ("kfc_ref.experiments.sud_report", "SUD analysis (App. D.1, Figs. 3-4) of a trained run: correlations, dead maps, baseline"),
     "figures": ("kfc_ref.experiments.figures", "write the figures (PNG and PDF)"),
     "tour": ("kfc_ref.experiments.tour", "one-command tour: checks, exact vs KFC, SUD, KFC-pre vs SGD"),
     "bench": ("kfc_ref.experiments.bench", "benchmarks: conv, curvature, optim, speedup (ratios measured side by side)"),

@@ -31,7 +31,9 @@ def test_all_checks_pass_at_seed_0_float64(capsys):
                 "control.damped_kfc_not_invariant", "theorem1.exact",
                 "control.theorem1_without_sud", "theorem2.beta_construction",
                 "control.plugin_not_psd", "theorem2.gram_psd", "theorem2.kfac_1x1",
-                "fisher.mc_convergence"}
+                "fisher.mc_unbiased", "control.mc_biased_sampler", "estimators.omega_exact",
+                "estimators.gamma_unbiased", "control.gamma_without_1_over_T",
+                "control.omega_divided_by_T"}
     assert expected <= set(checks.REGISTRY)
 
 

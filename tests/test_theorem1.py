@@ -75,9 +75,12 @@ def test_beta_eq17_is_the_location_count_and_beta_matrix(T1, T2, R):
         # bias weight: Eq. 48's beta(delta) = beta(delta, 0) = (T1-|d1|)(T2-|d2|), clipped
         assert beta_vector(geom, T1, T2)[a] == beta(d, (0, 0), T1, T2) \
             == max(0, T1 - abs(d[0])) * max(0, T2 - abs(d[1]))
-    # Eq. 17 as printed (no clip) goes negative once 2R >= T; the count is 0 there
+    # Eq. 17 as printed (no clip) is T - 2R on the extreme pair: 0 at 2R = T (the right
+    # count), negative only for 2R > T, where the clipped beta counts 0 locations
     if 2 * R >= T1 and R > 0:
         assert beta((-R, 0), (R, 0), T1, T2) == 0
+        printed = (T1 - R - R) * T2
+        assert (printed < 0) == (2 * R > T1) and (printed == 0) == (2 * R == T1)
 
 
 @given(conv_cases(max_batch=1, max_channels=2, max_size=6))

@@ -11,7 +11,8 @@ Two kinds of result:
   detect the broken assumption.
 
 Add a check with ``@register("group.name", "one line")`` in a module listed in CHECK_MODULES
-(the checks themselves live in :mod:`kfc_ref.experiments.paper_checks`).  Each check gets its own Generator
+(the checks themselves live in :mod:`kfc_ref.experiments.paper_checks` and
+:mod:`kfc_ref.experiments.estimator_checks`).  Each check gets its own Generator
 seeded from (seed, name), so adding a check never changes the cases of the others.
 
 Exit status of the command: 0 when every check passes, 1 when one fails (or raises), 2 for bad
@@ -35,7 +36,7 @@ from kfc_ref.backend import DEVICES, check_device, namespace_for
 from kfc_ref.nn.network import DTYPES
 
 #: Modules whose import registers checks (kept separate so this module stays the command).
-CHECK_MODULES = ("kfc_ref.experiments.paper_checks",)
+CHECK_MODULES = ("kfc_ref.experiments.paper_checks", "kfc_ref.experiments.estimator_checks")
 
 
 @dataclass

@@ -37,6 +37,12 @@ def _pyplot():
     return plt
 
 
+def _wrap(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (figure notes)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def save_figure(fig, out_dir: str, name: str, formats=("png", "pdf")) -> list[str]:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; close it; return the paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -49,30 +55,40 @@ def save_figure(fig, out_dir: str, name: str, formats=("png", "pdf")) -> list[st
     return paths
 
 
-def plot_correlation_panels(rows: list[tuple[str, object, object]], title: str, out_dir: str,
+def choose_maps(auto, maps: int = 3):
+    """Indices of ``maps`` maps spread evenly over those whose (C, P1, P2) panel is defined (no
+    NaN: not identically zero); all maps when fewer are defined."""
+    auto = np.asarray(auto)
+    finite = np.flatnonzero(np.isfinite(auto).all(axis=(1, 2)))
+    pool = finite if len(finite) >= maps else np.arange(auto.shape[0])
+    return np.unique(pool[np.linspace(0, len(pool) - 1, maps).round().astype(int)])
+
+
+def plot_correlation_panels(rows: list[tuple], title: str, out_dir: str,
                             name: str, maps: int = 3, note: str | None = None) -> list[str]:
     """Figures 3 and 4 layout: one row per layer; ``maps`` spatial autocorrelation panels
     (absolute values, offset 0 at the centre) and the cross-map correlation matrix.
 
-    rows: (label, autocorr (C, 2R+1, 2R+1), cross (C, C)) per layer; the maps shown are spread
-    evenly over the maps whose panel is defined (no NaN: not identically zero).  ``note``: a
+    rows: (label, autocorr (C, 2R+1, 2R+1), cross (C, C)) per layer, optionally with a fourth
+    entry: the map indices to show in that row (default :func:`choose_maps`).  ``note``: a
     line of small text under the panels (e.g. what NaN / white entries mean).
     """
     plt = _pyplot()
     fig, axes = plt.subplots(len(rows), maps + 1, figsize=(1.7 * (maps + 1), 1.7 * len(rows)),
                              squeeze=False)
-    for r, (label, auto, cross) in enumerate(rows):
+    for r, (label, auto, cross, *given) in enumerate(rows):
         auto, cross = np.abs(np.asarray(auto)), np.abs(np.asarray(cross))
-        finite = np.flatnonzero(np.isfinite(auto).all(axis=(1, 2)))
-        pool = finite if len(finite) >= maps else np.arange(auto.shape[0])
-        chosen = np.unique(pool[np.linspace(0, len(pool) - 1, maps).round().astype(int)])
+        chosen = (choose_maps(auto, maps) if not given or given[0] is None
+                  else list(given[0])[:maps])
         for ax in axes[r, len(chosen):maps]:
             ax.axis("off")                               # fewer maps than panels
         for k, c in enumerate(chosen):
             ax = axes[r, k]
             ax.imshow(auto[c], vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{label}, map {c}" if k == 0 else f"map {c}")
+            ax.set_title(f"map {c}")
+            if k == 0:
+                ax.set_ylabel(label)
         ax = axes[r, maps]
         im = ax.imshow(cross, vmin=0, vmax=1)
         ax.set_xticks([]), ax.set_yticks([])
@@ -80,7 +96,53 @@ def plot_correlation_panels(rows: list[tuple[str, object, object]], title: str, 
     fig.colorbar(im, ax=axes, shrink=0.6, label="|correlation|")
     fig.suptitle(title)
     if note:
-        fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=7)
+        fig.text(0.5, 0.0, _wrap(note, 14 * (maps + 1)), ha="center", va="top", fontsize=7)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_sud_profile(panels: list[tuple[str, dict[str, tuple]]], title: str, out_dir: str,
+                     name: str, note: str | None = None) -> list[str]:
+    """Mean |correlation| against the offset r = max(|d1|, |d2|) = 1..R, one panel per field.
+
+    panels: (panel title, {layer label: (profile (R,), shuffled baseline (R,))}); the profile
+    is drawn solid with dots, its baseline dashed in the same colour (NaN points are skipped).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.9), squeeze=False)
+    for ax, (panel_title, layers) in zip(axes[0], panels):
+        for k, (label, (profile, base)) in enumerate(layers.items()):
+            r = np.arange(1, len(profile) + 1)
+            ax.plot(r, profile, "o-", ms=3, color=f"C{k}", label=label)
+            ax.plot(np.arange(1, len(base) + 1), base, "--", color=f"C{k}", lw=1)
+        ax.set_xlabel("offset r = max(|d1|, |d2|)")
+        ax.set_ylabel("mean |correlation|")
+        ax.set_ylim(bottom=0)
+        ax.set_title(panel_title)
+        ax.legend(fontsize=7, title="dashed: shuffled examples", title_fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.0, _wrap(note, 40 * len(panels)), ha="center", va="top", fontsize=7)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_sud_history(iterations, panels: list[tuple[str, dict[str, tuple]]], title: str,
+                     out_dir: str, name: str) -> list[str]:
+    """One panel per field: {layer label: (values, baseline)} against ``iterations``; values
+    solid with dots, the baseline dashed in the same colour."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.9), squeeze=False)
+    for ax, (panel_title, layers) in zip(axes[0], panels):
+        for k, (label, (values, base)) in enumerate(layers.items()):
+            ax.plot(iterations, values, "o-", ms=3, color=f"C{k}", label=label)
+            ax.plot(iterations, base, "--", color=f"C{k}", lw=1)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("mean |correlation|")
+        ax.set_ylim(bottom=0)
+        ax.set_title(panel_title)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
 

@@ -1,4 +1,4 @@
-"""Model zoo: tiny nets for exact Fisher work, the paper's CIFAR-10 net, small image nets.
+"""Model zoo: tiny nets for exact Fisher work, the paper's CIFAR-10 and SVHN nets, small nets.
 
 ``build_model(name, input_shape, num_classes)`` is the one entry point the CLI uses; each
 builder is also public.
@@ -85,7 +85,70 @@ def small_convnet(input_shape=(1, 8, 8), num_classes: int = 10, channels=(16, 32
     return Sequential(layers, input_shape)
 
 
-ARCHITECTURES = ("tiny", "small", "small-avg", "cifar10", "cifar10-avg")
+#: Srivastava (2013)'s SVHN net: dropout *rates* (1 - retention probability) for the input,
+#: the three conv blocks and the two hidden dense layers.
+SVHN_DROPOUT = (0.1, 0.25, 0.25, 0.5, 0.5, 0.5)
+
+
+#: Initial weight std of the SVHN net's output layer (a guess in the style of the Toronto
+#: convnet configurations): with the default std sqrt(1/2048) the logits of
+#: this deep ReLU/max-pool net start with a spread of ~20 (first loss ~18) and SGD at the
+#: default learning rate explodes on the second step; 0.01 starts near log(10).
+OUTPUT_INIT_STD = 0.01
+
+
+def svhn_convnet(input_shape=(3, 32, 32), num_classes: int = 10, widths=(96, 128, 256),
+                 hidden=(2048, 2048), dropout=SVHN_DROPOUT, pool: str = "max") -> Sequential:
+    """The SVHN net the paper trains (Section 5: "the architecture of Srivastava (2013) ...
+    three convolutional layers followed by three fully connected layers, and uses dropout"):
+
+    dropout 0.1 -> [conv 5x5 pad 2 -> ReLU -> max-pool 3/2 -> dropout] x 3 (96, 128, 256 maps;
+    dropout 0.25, 0.25, 0.5) -> dense 2048 -> ReLU -> dropout 0.5 -> dense 2048 -> ReLU ->
+    dropout 0.5 -> dense 10 (softmax in the loss).  32 -> 16 -> 8 -> 4, so 256*4*4 = 4096
+    inputs to the first dense layer; about 13.7M parameters.
+
+    Source: N. Srivastava, "Improving neural networks with dropout", MSc thesis, Toronto 2013,
+    whose SVHN appendix is reproduced in Srivastava, Hinton, Krizhevsky, Sutskever &
+    Salakhutdinov, "Dropout: a simple way to prevent neural networks from overfitting", JMLR 15
+    (2014), Appendix B.2: three conv layers of 96, 128 and 256 filters with 5x5 receptive fields
+    at stride 1, each followed by 3x3 max pooling at stride 2; two fully connected hidden
+    layers of 2048 units; ReLU everywhere; retention probabilities p = (0.9, 0.75, 0.75, 0.5,
+    0.5, 0.5) from the input through the conv layers to the fully connected layers; max-norm
+    constraint c = 4 on all weights; momentum 0.95.  Those papers were quoted from memory here
+    (neither is in this repository), so treat the numbers as the best available reading.
+
+    Guesses, not stated there: "same" zero padding 2 (so 32 -> 16 -> 8 -> 4 with cuda-convnet's
+    overlapping pools with partial border windows, as in :func:`cifar10_convnet`); dropout
+    after each pooling (not before it); the six retention probabilities assigned in order to
+    input, conv1, conv2, conv3, dense1, dense2; no response normalisation and no local contrast
+    normalisation of the input (the training code standardises each channel); He-normal
+    conv and hidden weights, output weights with std :data:`OUTPUT_INIT_STD`.  Not built:
+    the max-norm constraint (an optimizer feature).  ``widths``, ``hidden`` and ``dropout``
+    are parameters so tests can build a narrow twin.  ``pool="avg"`` replaces every max-pool
+    by a 3x3/2 average pool (Appendix D.1, Figure 3 c-d: "max-pooling is replaced by average
+    pooling"; arch ``svhn-avg``).
+    """
+    if pool not in ("max", "avg"):
+        raise ValueError(f"pool={pool!r} is not supported; use 'max' or 'avg'")
+    if len(widths) != 3 or len(hidden) != 2 or len(dropout) != 6:
+        raise ValueError("svhn_convnet: widths needs 3 entries, hidden 2 and dropout 6; got "
+                         f"{len(widths)}, {len(hidden)}, {len(dropout)}")
+    c = input_shape[0]
+    layers = [Dropout(dropout[0])]
+    for w, rate in zip(widths, dropout[1:4]):
+        layers += [Conv2d(c, w, 5, padding=2), ReLU(),
+                   (MaxPool2d if pool == "max" else AvgPool2d)(3, 2, ceil_mode=True),
+                   Dropout(rate)]
+        c = w
+    layers.append(Flatten())
+    flat = Sequential(layers, input_shape).shapes[-1][0]
+    for h, rate in zip(hidden, dropout[4:]):
+        layers += [Dense(flat, h), ReLU(), Dropout(rate)]
+        flat = h
+    return Sequential(layers + [Dense(flat, num_classes, init_std=OUTPUT_INIT_STD)], input_shape)
+
+
+ARCHITECTURES = ("tiny", "small", "small-avg", "cifar10", "cifar10-avg", "svhn", "svhn-avg")
 
 
 def build_model(name: str, input_shape, num_classes: int) -> Sequential:
@@ -99,4 +162,6 @@ def build_model(name: str, input_shape, num_classes: int) -> Sequential:
     if name in ("cifar10", "cifar10-avg"):
         return cifar10_convnet("avg" if name.endswith("avg") else "max", input_shape,
                                num_classes)
+    if name in ("svhn", "svhn-avg"):
+        return svhn_convnet(input_shape, num_classes, pool="avg" if name.endswith("avg") else "max")
     raise ValueError(f"arch={name!r} is not supported; use one of {ARCHITECTURES}")

@@ -49,6 +49,7 @@ from kfc_ref.backend import get_xp
 
 __all__ = [
     "spatial_autocorrelation",
+    "spatial_crosscorrelation",
     "cross_map_correlation",
     "mean_offcentre_correlation",
 ]
@@ -157,7 +158,7 @@ def spatial_autocorrelation(field, max_offset: int = DEFAULT_MAX_OFFSET, *,
 
     num = xp.zeros((c, 2 * r1 + 1, 2 * r2 + 1), dtype=field.dtype)
     # r(d) = r(-d) exactly (same products), so compute the half plane d1 > 0 or (d1 = 0, d2 >= 0).
-    for d1 in range(0, r1 + 1):
+    for d1 in range(r1 + 1):
         a1 = slice(0, h - d1)          # t1 with t1 + d1 < h
         b1 = slice(d1, h)              # t1 + d1
         for d2 in range(-r2 if d1 > 0 else 0, r2 + 1):
@@ -176,6 +177,44 @@ def spatial_autocorrelation(field, max_offset: int = DEFAULT_MAX_OFFSET, *,
     # arithmetic for finite x != 0), NaN for degenerate maps.
     out[:, r1, r2] = _guarded_ratio(xp, den, den)
     return out
+
+
+def spatial_crosscorrelation(field, other, max_offset: int = DEFAULT_MAX_OFFSET):
+    """Spatial correlation between two fields of the same shape, map by map (uncentred).
+
+    ``out[c, R1 + d1, R2 + d2]`` = mean over n and over the t with t, t + d in the grid of
+    f[n, c, t] g[n, c, t + d], divided by sqrt(E[f_c^2] E[g_c^2]) (second moments over all n,
+    t).  With ``other = field`` this is :func:`spatial_autocorrelation` up to round-off.  Its use
+    is the *shuffled-example baseline* of the SUD report: ``other = field[perm]`` pairs each
+    example with a different one, so every entry estimates E[f_t] E[f_{t+d}] / E[f^2] (zero for
+    zero-mean derivatives) and its spread is the sampling noise of the real panel.
+
+    Parameters and window as :func:`spatial_autocorrelation`; ``other`` must have the shape and
+    dtype of ``field``.  Returns (C, 2*R1 + 1, 2*R2 + 1), NaN for maps where either second
+    moment is zero.  All (2R1+1)(2R2+1) offsets are computed (no symmetry: f and g differ).
+    """
+    _check_field(field)
+    _check_field(other, "other")
+    if tuple(other.shape) != tuple(field.shape) or other.dtype != field.dtype:
+        raise ValueError(f"other must have the shape and dtype of field {tuple(field.shape)} "
+                         f"{field.dtype}; got {tuple(other.shape)} {other.dtype}")
+    max_offset = _check_nonneg_int(max_offset, "max_offset")
+    xp = get_xp(field, other)
+    n, c, h, w = (int(s) for s in field.shape)
+    r1, r2 = min(max_offset, h - 1), min(max_offset, w - 1)
+    den = xp.sqrt(xp.sum(field * field, axis=(0, 2, 3)) * xp.sum(other * other, axis=(0, 2, 3))
+                  ) / (n * h * w)
+    num = xp.zeros((c, 2 * r1 + 1, 2 * r2 + 1), dtype=field.dtype)
+    for d1 in range(-r1, r1 + 1):
+        a1, b1 = (slice(0, h - d1), slice(d1, h)) if d1 >= 0 else (slice(-d1, h),
+                                                                    slice(0, h + d1))
+        for d2 in range(-r2, r2 + 1):
+            a2, b2 = (slice(0, w - d2), slice(d2, w)) if d2 >= 0 else (slice(-d2, w),
+                                                                        slice(0, w + d2))
+            prod = field[:, :, a1, a2] * other[:, :, b1, b2]
+            num[:, r1 + d1, r2 + d2] = xp.sum(prod, axis=(0, 2, 3)) / (
+                n * (h - abs(d1)) * (w - abs(d2)))
+    return _guarded_ratio(xp, num, den[:, None, None])
 
 
 def cross_map_correlation(field, location=None, *, centered: bool = False):

@@ -34,9 +34,10 @@ from kfc_ref.nn.layers import Conv2d
 def beta(delta, delta_prime, T1: int, T2: int) -> int:
     """Eq. 17/48 (stride 1, "same" padding): for offsets delta, delta' in {-R..R}^2,
     (T1 - max(d1, d1', 0) + min(d1, d1', 0)) (T2 - max(d2, d2', 0) + min(d2, d2', 0)),
-    with each axis factor clipped at 0.  The clip is not in the paper: as printed, a factor goes
-    negative when the offsets span more than the grid (2R >= T), e.g. T = 1, delta = -1,
-    delta' = 1 gives -1, while the number of locations it counts is 0."""
+    with each axis factor clipped at 0.  The clip is not in the paper: as printed, the factor
+    of delta = -R, delta' = R is T - 2R, which goes negative when the offsets span more than
+    the grid (2R > T; at 2R = T it is 0, the right count), e.g. T = 1, delta = -1, delta' = 1
+    gives -1, while the number of locations it counts is 0."""
     (a1, a2), (b1, b2) = delta, delta_prime
     return (max(0, T1 - max(a1, b1, 0) + min(a1, b1, 0))
             * max(0, T2 - max(a2, b2, 0) + min(a2, b2, 0)))
