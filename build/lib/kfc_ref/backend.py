@@ -1,0 +1,136 @@
+"""Array-module backend: the only module in kfc_ref that imports CuPy.
+
+Every core function takes its array namespace (``xp``) from its inputs with :func:`get_xp`,
+so the same code runs on NumPy (CPU) and CuPy (GPU).  New arrays are made with that namespace
+and inherit the dtype of the inputs.  Host-side code (data loading, plotting, saving) converts
+with :func:`to_numpy`; the user moves arrays to a device with :func:`to_device`.
+
+Namespaces are discovered through the array API protocol ``__array_namespace__`` (NumPy >= 2
+arrays and the guarded test namespace implement it); CuPy arrays are recognised explicitly.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import numpy as _np
+
+DEVICES = ("cpu", "gpu")
+
+_cupy_cache: dict[str, object] = {}
+
+
+def _import_cupy():
+    """Return the cupy module or None (import attempted once)."""
+    if "mod" not in _cupy_cache:
+        try:
+            _cupy_cache["mod"] = importlib.import_module("cupy")
+        except Exception as exc:  # ImportError, or a broken CUDA install
+            _cupy_cache["mod"] = None
+            _cupy_cache["error"] = f"{type(exc).__name__}: {exc}"
+    return _cupy_cache["mod"]
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when a GPU can be used, else a sentence naming what is missing."""
+    cp = _import_cupy()
+    if cp is None:
+        return ("CuPy is not installed (or failed to import: "
+                f"{_cupy_cache.get('error', '?')}); install it with "
+                "`pip install -r requirements-gpu.txt`")
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"CuPy is installed but no CUDA device is visible ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return "CuPy is installed but no CUDA device is visible (device count 0)"
+    return None
+
+
+def check_device(device: str) -> str:
+    """Validate a ``device`` argument ('cpu' or 'gpu'); raise a clear error otherwise."""
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} is not supported; use one of {DEVICES}")
+    if device == "gpu":
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"device='gpu' was requested but {reason}")
+    return device
+
+
+def namespace_for(device: str) -> types.ModuleType:
+    """The array module for a device name: numpy for 'cpu', cupy for 'gpu'."""
+    check_device(device)
+    return _np if device == "cpu" else _import_cupy()
+
+
+def _is_cupy_array(a) -> bool:
+    cp = _cupy_cache.get("mod")
+    if cp is None and "cupy" in type(a).__module__:
+        cp = _import_cupy()
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def get_xp(*arrays):
+    """The array namespace shared by ``arrays`` (scalars and None are ignored).
+
+    Raises TypeError when arrays from different namespaces are mixed, which is exactly the
+    mistake (a NumPy array next to a CuPy array) that would fail late on a GPU.
+    """
+    found = None
+    for a in arrays:
+        if a is None or isinstance(a, (int, float, complex, bool)):
+            continue
+        if _is_cupy_array(a):
+            ns = _import_cupy()
+        elif hasattr(a, "__array_namespace__"):
+            ns = a.__array_namespace__()
+        elif isinstance(a, _np.generic):
+            ns = _np
+        else:
+            raise TypeError(f"expected an array, got {type(a).__name__}")
+        if found is None:
+            found = ns
+        elif ns is not found:
+            raise TypeError(
+                f"arrays from different array modules were mixed: {found.__name__} and "
+                f"{ns.__name__}; move them to one device first (kfc_ref.backend.to_device)")
+    return _np if found is None else found
+
+
+def device_of(a) -> str:
+    """'gpu' for a CuPy array, else 'cpu'."""
+    return "gpu" if _is_cupy_array(a) else "cpu"
+
+
+def to_numpy(a):
+    """A NumPy copy/view of any supported array (for plotting and saving); passes numpy through."""
+    if _is_cupy_array(a):
+        return a.get()
+    if hasattr(a, "__kfc_host__"):  # guarded test arrays
+        return a.__kfc_host__()
+    return _np.asarray(a)
+
+
+def to_device(a, device: str):
+    """Move a host or device array to ``device`` ('cpu' or 'gpu')."""
+    xp = namespace_for(device)
+    if device == "cpu":
+        return to_numpy(a)
+    return xp.asarray(a)
+
+
+def asarray_like(values, like):
+    """``values`` (host data) as an array in the namespace, and with the dtype, of ``like``."""
+    xp = get_xp(like)
+    return xp.asarray(values, dtype=like.dtype)
+
+
+def synchronize(a=None) -> None:
+    """Block until queued GPU work is done (no-op on CPU); use around timings."""
+    cp = _cupy_cache.get("mod")
+    if cp is not None and (a is None or _is_cupy_array(a)):
+        try:
+            cp.cuda.Stream.null.synchronize()
+        except Exception:
+            pass

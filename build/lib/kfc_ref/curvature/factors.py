@@ -1,0 +1,82 @@
+"""The KFC Kronecker factors Omega and Gamma (Theorem 2, Eq. 23) and K-FAC's for dense layers.
+
+For one parametric layer with records over a mini-batch of N examples:
+
+* Omega = E[[[A]]_H^T [[A]]_H]   (1 + J|Delta|) x (1 + J|Delta|), per example, **no 1/|T|**:
+  its (0, 0) entry is exactly |T| and its (0, 1 + j|Delta| + delta) entries are
+  E[sum_t a_{j, t+delta}] = beta(delta) M(j) under spatial homogeneity (Eqs. 62-66);
+* Gamma = (1/|T|) E[DS^T DS]     I x I, with DS the derivatives of the per-example loss under
+  targets sampled from the model (Eqs. 67-69).
+
+A dense layer is the case |T| = 1, where these are K-FAC's factors (Eq. 4 with the homogeneous
+coordinate first).  The approximate Fisher block is F_hat = Omega kron Gamma (Eq. 18) in the
+column-stacking order of ``kfc_ref.nn.network``.  Both estimators are Gram matrices, hence PSD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kfc_ref.backend import get_xp
+
+
+@dataclass
+class KroneckerFactors:
+    """Omega ((1+J|Delta|) square) and Gamma (I x I) of one layer, plus |T| for reference."""
+
+    Omega: object
+    Gamma: object
+    num_locations: int
+
+
+def omega_from_patches(patches):
+    """Omega = (1/N) sum_n [[A_n]]_H^T [[A_n]]_H from patches (N, |T|, K) without building
+    [[A]]_H: the ones column contributes |T| at (0, 0) and the patch sums in row/column 0."""
+    xp = get_xp(patches)
+    n, t, k = patches.shape
+    flat = patches.reshape(n * t, k)
+    omega = xp.empty((k + 1, k + 1), dtype=patches.dtype)
+    omega[0, 0] = t
+    col_sum = xp.sum(flat, axis=0) / n
+    omega[0, 1:] = col_sum
+    omega[1:, 0] = col_sum
+    omega[1:, 1:] = (xp.transpose(flat) @ flat) / n
+    return omega
+
+
+def gamma_from_derivatives(DS):
+    """Gamma = (1/(N|T|)) sum_n DS_n^T DS_n from per-example derivatives DS (N, |T|, I)."""
+    xp = get_xp(DS)
+    n, t, i = DS.shape
+    flat = DS.reshape(n * t, i)
+    return (xp.transpose(flat) @ flat) / (n * t)
+
+
+def layer_factors(record) -> KroneckerFactors:
+    """Omega and Gamma of one :class:`kfc_ref.nn.network.LayerRecord` (DS must be present)."""
+    if record.DS is None:
+        raise ValueError(f"record of layer {record.layer_index} has no DS; run a backward pass "
+                         "with sampled targets (Sequential.sampled_records) first")
+    return KroneckerFactors(omega_from_patches(record.patches),
+                            gamma_from_derivatives(record.DS), record.num_locations)
+
+
+def network_factors(records) -> list[KroneckerFactors]:
+    """Factors for every parametric layer, in flat-vector order."""
+    return [layer_factors(r) for r in records]
+
+
+def kron_block(factors: KroneckerFactors):
+    """The dense approximate Fisher block Omega kron Gamma (column-stacking vec order)."""
+    xp = get_xp(factors.Omega)
+    return xp.kron(factors.Omega, factors.Gamma)
+
+
+def moving_average(old: KroneckerFactors | None, new: KroneckerFactors,
+                   decay: float) -> KroneckerFactors:
+    """Exponential moving average: decay * old + (1 - decay) * new (K-FAC App. D)."""
+    if old is None:
+        return new
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay={decay!r} must lie in [0, 1]")
+    return KroneckerFactors(decay * old.Omega + (1 - decay) * new.Omega,
+                            decay * old.Gamma + (1 - decay) * new.Gamma, new.num_locations)

@@ -1,0 +1,47 @@
+"""Benchmarks, one command: ``python -m kfc_ref bench {conv,curvature,optim,speedup}``.
+
+Each reports ratios measured side by side in one run (never timed assertions):
+
+* ``conv``: forward+backward GFLOP/s of the CIFAR-10 net against this machine's matmul rate;
+* ``curvature``: the KFC statistics against one gradient evaluation; exact-Fisher cost;
+* ``optim``: KFC-pre against SGD per iteration (App. B.3);
+* ``speedup``: updates and wall-clock to a target error, KFC-pre against SGD (Figs. 1-2).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand -> (module, one-line description)
+BENCHMARKS = {
+    "conv": ("kfc_ref.experiments.bench.conv", "net GFLOP/s vs this machine's matmul GFLOP/s"),
+    "curvature": ("kfc_ref.experiments.bench.curvature",
+                  "KFC statistics vs one gradient; exact Fisher time and memory"),
+    "optim": ("kfc_ref.experiments.bench.optim", "KFC-pre vs SGD per-iteration cost (App. B.3)"),
+    "speedup": ("kfc_ref.experiments.bench.speedup",
+                "updates / wall-clock to a target error, KFC-pre vs SGD (Figs. 1-2)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m kfc_ref bench <benchmark> [options]", "", "benchmarks:"]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in BENCHMARKS.items()]
+    lines += ["", "Run `python -m kfc_ref bench <benchmark> --help` for its options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"error: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHMARKS[name][0])
+    return int(module.main(rest) or 0)
+
+
+__all__ = ["BENCHMARKS", "main"]

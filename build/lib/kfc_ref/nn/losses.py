@@ -1,0 +1,86 @@
+"""Softmax cross-entropy: the loss, its gradient, and targets sampled from the model.
+
+The network's output z (N, C) are logits; the predictive distribution is p = softmax(z)
+(Section 2.1: -log p(y|x) is the per-example loss L).  Two kinds of targets go through the same
+backward pass:
+
+* the true labels, for the gradient of the objective;
+* labels ~ p (one sample per example), for the Fisher statistics (Section 3.1, K-FAC App. D):
+  the derivatives of the *per-example* loss with sampled targets are the DS of Eq. 23.
+"""
+from __future__ import annotations
+
+import numpy as _host_np  # host-side uniforms only, so a seed fixes the samples on every device
+
+from kfc_ref.backend import asarray_like, get_xp
+
+
+def log_softmax(z):
+    """log softmax over the last axis, stable for large |z|.  (N, C) -> (N, C)."""
+    xp = get_xp(z)
+    shifted = z - xp.max(z, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def softmax(z):
+    """Predictive probabilities p = softmax(z) over the last axis."""
+    return get_xp(z).exp(log_softmax(z))
+
+
+def _check_labels(labels, logits):
+    if getattr(labels, "ndim", None) != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have shape (N,) = ({logits.shape[0]},), "
+                         f"got {getattr(labels, 'shape', None)}")
+
+
+def one_hot(labels, num_classes: int, like):
+    """(N,) integer labels -> (N, C) one-hot rows with the dtype and namespace of ``like``."""
+    xp = get_xp(like)
+    classes = xp.arange(num_classes)
+    return (labels[:, None] == classes[None, :]).astype(like.dtype)
+
+
+def cross_entropy(logits, labels):
+    """Per-example losses -log p(y_n | x_n): (N, C), (N,) -> (N,)."""
+    _check_labels(labels, logits)
+    logp = log_softmax(logits)
+    return -(logp * one_hot(labels, logits.shape[1], logits)).sum(axis=1)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean loss over the batch and its gradient with respect to the logits.
+
+    Returns (loss, dlogits) with loss = (1/N) sum_n -log p(y_n|x_n) (a 0-d array) and
+    dlogits = (p - onehot(y)) / N, shape (N, C).  Multiply dlogits by N to get per-example
+    loss derivatives (what Gamma needs).
+    """
+    _check_labels(labels, logits)
+    n, c = logits.shape
+    logp = log_softmax(logits)
+    onehot = one_hot(labels, c, logits)
+    loss = -(logp * onehot).sum() / n
+    return loss, (get_xp(logits).exp(logp) - onehot) / n
+
+
+def sample_targets(logits, rng: _host_np.random.Generator):
+    """Draw one label per example from p = softmax(logits) by inverse-CDF sampling.
+
+    The N uniforms come from ``rng`` (a NumPy Generator) on the host, so the same seed gives the
+    same labels on CPU and GPU.  Returns int64 labels (N,) in the namespace of ``logits``.
+    """
+    if not isinstance(rng, _host_np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    xp = get_xp(logits)
+    p = softmax(logits)
+    cdf = xp.cumsum(p, axis=1)
+    u = asarray_like(rng.random((logits.shape[0], 1)), like=p)
+    # label = number of CDF entries strictly below u, clipped against round-off at the top.
+    labels = xp.sum((cdf < u).astype(xp.int64), axis=1)
+    return xp.minimum(labels, logits.shape[1] - 1)
+
+
+def classification_error(logits, labels):
+    """Fraction of examples whose arg-max class differs from the label (a Python float)."""
+    _check_labels(labels, logits)
+    xp = get_xp(logits)
+    return float(xp.mean((xp.argmax(logits, axis=1) != labels).astype(logits.dtype)))

@@ -1,0 +1,233 @@
+"""Sequential networks: initialisation, forward/backward/forward-mode passes, KFC records, and
+the flat parameter vector.
+
+Parameters are a list ``params`` aligned with ``net.layers``: ``params[l]`` is the W_bar matrix
+of a parametric layer (I x (1 + J|Delta|), bias column first) and None otherwise.
+
+Flat vector order (the one order used everywhere in kfc_ref): the paper's column-stacking vec of
+each W_bar, layer after layer, theta = concat_l vec(W_bar_l), vec(X) = X.ravel(order="F").
+In this order the KFC block of layer l is Omega_l kron Gamma_l (Eq. 18) and
+(Omega kron Gamma) vec(X) = vec(Gamma X Omega).
+
+Records (``LayerRecord``): what curvature code reads from a parametric layer, per example:
+the patches [[A]] (N, |T|, J|Delta|) of its input and the pre-activation derivatives DS
+(N, |T|, I) of the *per-example* loss.  The backward pass runs on the *mean* loss, so DS is the
+backpropagated dout times N (design.md section 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as _host_np  # seeded host initialisation only
+
+from kfc_ref.backend import get_xp, namespace_for
+from kfc_ref.nn.expand import expand_homogeneous
+from kfc_ref.nn.layers import Context, Layer
+from kfc_ref.nn.losses import sample_targets, softmax_cross_entropy
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class LayerRecord:
+    """Statistics of one parametric layer for one mini-batch.
+
+    patches: [[A]] of the layer input, (N, |T|, J|Delta|);  DS: (N, |T|, I) derivatives of the
+    per-example loss w.r.t. the layer's pre-activations (None until a backward pass ran).
+    """
+
+    layer_index: int
+    patches: object
+    DS: object = None
+
+    @property
+    def A_H(self):
+        """[[A]]_H = (1 | [[A]]), (N, |T|, 1 + J|Delta|) (Eq. 29)."""
+        return expand_homogeneous(self.patches)
+
+    @property
+    def num_locations(self) -> int:
+        """|T|, the number of output locations of the layer."""
+        return self.patches.shape[1]
+
+
+@dataclass
+class Tape:
+    """What a forward pass keeps for the backward and forward-mode passes."""
+
+    output: object
+    caches: list
+    input_shape: tuple
+
+
+class Sequential:
+    """A chain of layers on per-example input shape ``input_shape`` (e.g. (1, 28, 28))."""
+
+    def __init__(self, layers: list[Layer], input_shape: tuple):
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        self.layers = list(layers)
+        self.input_shape = tuple(input_shape)
+        shape = self.input_shape
+        self.shapes = [shape]                         # per-example shape entering each layer
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+            self.shapes.append(shape)
+        self.param_layers = [i for i, layer in enumerate(self.layers) if layer.has_params]
+
+    # ---------------------------------------------------------------- parameters
+    def init(self, seed=0, dtype: str = "float32", device: str = "cpu") -> list:
+        """Seeded initial parameters (each layer's ``init_param``) on ``device``."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {DTYPES}")
+        rng = seed if isinstance(seed, _host_np.random.Generator) else _host_np.random.default_rng(seed)
+        xp = namespace_for(device)
+        params = []
+        for layer, shape in zip(self.layers, self.shapes):
+            W = layer.init_param(shape, rng, dtype) if layer.has_params else None
+            params.append(None if W is None else xp.asarray(W))
+        return params
+
+    def param_sizes(self) -> list[tuple[int, tuple]]:
+        """(layer index, W_bar shape) for each parametric layer, in flat-vector order."""
+        return [(i, self.layers[i].param_shape) for i in self.param_layers]
+
+    @property
+    def num_params(self) -> int:
+        return sum(s[0] * s[1] for _, s in self.param_sizes())
+
+    def param_slices(self) -> list[slice]:
+        """Slice of the flat vector holding vec(W_bar_l), one per parametric layer, in order."""
+        slices, offset = [], 0
+        for _, (rows, cols) in self.param_sizes():
+            slices.append(slice(offset, offset + rows * cols))
+            offset += rows * cols
+        return slices
+
+    def flatten(self, params):
+        """theta = concat_l vec(W_bar_l) (column stacking), shape (P,)."""
+        xp = get_xp(*[params[i] for i in self.param_layers])
+        return xp.concatenate([xp.transpose(params[i]).reshape(-1) for i in self.param_layers])
+
+    def unflatten(self, theta) -> list:
+        """Inverse of :meth:`flatten`: a params list (None for layers without parameters)."""
+        xp = get_xp(theta)
+        if theta.shape != (self.num_params,):
+            raise ValueError(f"theta must have shape ({self.num_params},), got {theta.shape}")
+        params, offset = [None] * len(self.layers), 0
+        for i, (rows, cols) in self.param_sizes():
+            block = theta[offset:offset + rows * cols].reshape(cols, rows)
+            params[i] = xp.ascontiguousarray(xp.transpose(block))
+            offset += rows * cols
+        return params
+
+    def _check_params(self, params):
+        if len(params) != len(self.layers):
+            raise ValueError(f"params has {len(params)} entries; the network has "
+                             f"{len(self.layers)} layers")
+
+    def _check_input(self, x):
+        xp = get_xp(x)
+        if getattr(x, "ndim", None) != len(self.input_shape) + 1 or \
+                tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {getattr(x, 'shape', None)}")
+        if x.shape[0] < 1:
+            raise ValueError("x must hold at least one example (N >= 1)")
+        if not bool(xp.all(xp.isfinite(x))):
+            raise ValueError("x contains NaN or inf values")
+
+    # ---------------------------------------------------------------- passes
+    def forward(self, params, x, *, train: bool = False, rng=None, check: bool = True) -> Tape:
+        """Run all layers; returns a Tape with the logits (N, C) and every layer's cache."""
+        self._check_params(params)
+        if check:
+            self._check_input(x)
+        ctx = Context(train=train, rng=rng)
+        caches, h = [], x
+        for layer, W in zip(self.layers, params):
+            h, cache = layer.forward(h, W, ctx)
+            caches.append(cache)
+        return Tape(h, caches, tuple(x.shape))
+
+    def backward(self, params, tape: Tape, dout):
+        """Backpropagate ``dout`` (gradient w.r.t. the output) through the tape.
+
+        Returns (grads, douts): grads aligned with params (None for parameter-free layers);
+        douts[l] the gradient w.r.t. the pre-activation output of parametric layer l.
+        """
+        grads = [None] * len(self.layers)
+        douts = {}
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if layer.has_params:
+                douts[i] = dout
+            dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
+        return grads, douts
+
+    def jvp(self, params, tape: Tape, dparams):
+        """Forward-mode pass: J_theta v for a parameter direction ``dparams`` (list like params).
+
+        Returns d(logits), shape (N, C).  Used for exact Fisher-vector products
+        v^T F v = mean_n (J v)_n^T F_R (J v)_n (K-FAC App. J).
+        """
+        d = None
+        for i, layer in enumerate(self.layers):
+            dW = dparams[i] if layer.has_params else None
+            if d is None and dW is None:
+                continue
+            d = layer.jvp(d, tape.caches[i], params[i], dW)
+        return d
+
+    # ---------------------------------------------------------------- conveniences
+    def loss_and_grads(self, params, x, y, *, train=False, rng=None):
+        """Mean cross-entropy on (x, y), its gradient (list like params), and the tape."""
+        tape = self.forward(params, x, train=train, rng=rng)
+        loss, dlogits = softmax_cross_entropy(tape.output, y)
+        grads, _ = self.backward(params, tape, dlogits)
+        return loss, grads, tape
+
+    def records(self, tape: Tape, douts: dict) -> list[LayerRecord]:
+        """LayerRecords for every parametric layer from a tape and the douts of a backward pass
+        on the *mean* loss (DS is scaled by N to per-example derivatives)."""
+        n = tape.output.shape[0]
+        out = []
+        for i in self.param_layers:
+            layer = self.layers[i]
+            ds = layer.derivatives(douts[i]) * n if i in douts else None
+            out.append(LayerRecord(i, layer.patches(tape.caches[i]), ds))
+        return out
+
+    def sampled_records(self, params, x, rng, *, tape: Tape | None = None):
+        """Records with DS from targets sampled from the model (Section 3.1), one per example.
+
+        Reuses ``tape`` when given (the forward pass of the gradient computation), so the extra
+        cost is one backward pass.
+        """
+        tape = self.forward(params, x) if tape is None else tape
+        y_model = sample_targets(tape.output, rng)
+        _, dlogits = softmax_cross_entropy(tape.output, y_model)
+        _, douts = self.backward(params, tape, dlogits)
+        return self.records(tape, douts)
+
+    def layer_inputs(self, params, x) -> list:
+        """The input of every layer (evaluation mode): inputs[l] has shape (N, *shapes[l])."""
+        self._check_params(params)
+        inputs, h = [], x
+        for layer, W in zip(self.layers, params):
+            inputs.append(h)
+            h, _ = layer.forward(h, W, Context())
+        return inputs
+
+    def predict_logits(self, params, x, batch_size: int = 1000):
+        """Logits in evaluation mode, computed in chunks of ``batch_size`` examples."""
+        xp = get_xp(x)
+        outs = [self.forward(params, x[s:s + batch_size]).output
+                for s in range(0, x.shape[0], batch_size)]
+        return xp.concatenate(outs, axis=0)
+
+    def __repr__(self):
+        lines = [f"Sequential(input_shape={self.input_shape}, params={self.num_params})"]
+        for layer, shape in zip(self.layers, self.shapes[1:]):
+            lines.append(f"  {layer!r} -> {shape}")
+        return "\n".join(lines)

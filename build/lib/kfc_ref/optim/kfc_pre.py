@@ -1,0 +1,144 @@
+"""KFC-pre: KFC as a preconditioner for SGD with momentum (Appendix B.1, Algorithm 1).
+
+Per iteration k (1, 2, ...), on the mini-batch (x, y) of N examples::
+
+    grad h        backprop with the true labels, plus lambda theta (weight decay)
+    k = 0 mod T_s refresh the factors {Omega_l, Gamma_l} (Theorem 2, Eq. 23) as exponential
+                  moving averages, from targets sampled from the model (Section 3.1)
+    k = 0 mod T_f recompute the damped inverses (Eq. 21, pi from Eq. 8, strength
+                  sqrt(lambda + gamma))
+    v  = -lr [F_hat^(gamma)]^-1 grad h      (Eq. 22, Gamma_d^-1 G Omega_d^-1 per layer)
+    nu = v^T F v + lambda v^T v             (exact F on a random quarter of the mini-batch,
+                                             kfc_ref.curvature.fvp; Algorithm 1's form of nu)
+    if nu > C: v <- v sqrt(C / nu)          (update clipping, C = 0.3)
+    p  <- mu p + v;  theta <- theta + p;  theta_bar <- xi theta_bar + (1 - xi) theta
+
+Factor initialisation: Algorithm 1 estimates the factors on the whole training set before the
+first step; :meth:`KFCPre.initialize_factors` does this from many mini-batches (an equally
+weighted mean of their estimates).  Without it, the factors come from the first mini-batch.
+
+Moving-average decay [I] (the paper gives none; appendices.md section 4.1): K-FAC's
+eps = min(1 - 1/k, 0.95), where here k counts the mini-batch *estimates* averaged so far (the
+initialisation batches included), so that the average starts as a plain mean and the initial
+full-data estimate is not thrown away by the first refresh.  With T_s = 1 and no initialisation
+it is K-FAC's rule exactly.
+
+Defaults for the three cost knobs (App. B.3 says: choose them by profiling so that the per-epoch
+time stays below 2x SGD; the paper does not report its values) are the named constants below;
+``python -m kfc_ref bench optim`` measures the overhead they give.
+"""
+from __future__ import annotations
+
+import math
+
+from kfc_ref.backend import get_xp
+from kfc_ref.curvature.damping import factored_inverse
+from kfc_ref.curvature.fvp import fisher_quadratic
+from kfc_ref.optim.kronecker import EMA_MAX_DECAY, KroneckerOptimizerMixin
+from kfc_ref.optim.base import (
+    DEFAULT_MOMENTUM, Optimizer, check_fraction, check_momentum, check_period, check_positive,
+    compact, expand, inner, loss_and_decayed_gradient, subset_indices, take,
+)
+
+#: T_s, the factor-statistics refresh period in iterations.  On the CIFAR-10 net at batch 512 a
+#: refresh (STATS_FRACTION = 1/4) costs ~0.25 SGD iterations on a CPU, so T_s = 5 adds ~5%; with
+#: the moving average's eps = 0.95 the factors then average ~20 refreshes = ~100 iterations,
+#: about one epoch (App. B.3: stale statistics cost little per-epoch progress).
+STATS_PERIOD = 5
+#: T_f, the damped-inverse refresh period in iterations.  Inverting the CIFAR-10 net's factors
+#: (two 801 x 801 and one 1025 x 1025 Omega, small Gamma) costs ~0.2 SGD iterations on a CPU;
+#: every 10th iteration adds ~2%, and the inverses lag the factors by at most 2 refreshes.
+INVERSE_PERIOD = 10
+#: Fraction of the mini-batch whose model-sampled statistics refresh the factors (K-FAC's
+#: tau_1 is 1/8; KFC-pre's is not reported).  Below 1 the subset gets its own forward and
+#: backward pass: at 1/4 a refresh measured 0.65 s against 2.96 s for the whole batch reusing
+#: the gradient's tape (one full backward pass plus Gram matrices over all N|T| rows).
+STATS_FRACTION = 0.25
+#: Fraction of the mini-batch on which the exact-Fisher nu for update clipping is estimated
+#: (the paper's "1/4 of the examples in the current mini-batch", App. B.1).
+NU_FRACTION = 0.25
+#: Update-clipping threshold C on nu = v^T F v + lambda v^T v (Algorithm 1).
+CLIP_THRESHOLD = 0.3
+#: Damping gamma of Algorithm 1 ("10^-3, may need tuning").
+DAMPING = 1e-3
+
+
+class KFCPre(KroneckerOptimizerMixin, Optimizer):
+    """Algorithm 1 (App. B.1).  State fields (all plain; see kfc_ref.optim.base):
+
+    k, theta_bar, velocity p (compact list), factors (compact list of {"Omega", "Gamma", "T"}
+    or None), stats_count, inverses (compact list of {"Omega_inv", "Gamma_inv", "pi"} or None).
+
+    ``clip=None`` switches update clipping off (and skips the nu computation).
+    info: loss, nu (None when not computed), clipped, pi (per layer), stats_updated,
+    inverses_updated.
+    """
+
+    name = "kfc-pre"
+
+    def __init__(self, lr: float, momentum: float = DEFAULT_MOMENTUM, damping: float = DAMPING,
+                 clip: float | None = CLIP_THRESHOLD, stats_period: int = STATS_PERIOD,
+                 inverse_period: int = INVERSE_PERIOD, stats_fraction: float = STATS_FRACTION,
+                 nu_fraction: float = NU_FRACTION, use_pi: bool = True,
+                 ema_max_decay: float = EMA_MAX_DECAY, **common):
+        super().__init__(**common)
+        self.lr = check_positive("lr", lr)
+        self.momentum = check_momentum(momentum)
+        self.damping = check_positive("damping", damping)
+        self.clip = None if clip is None else check_positive("clip", clip)
+        self.stats_period = check_period("stats_period", stats_period)
+        self.inverse_period = check_period("inverse_period", inverse_period)
+        self.stats_fraction = check_fraction("stats_fraction", stats_fraction)
+        self.nu_fraction = check_fraction("nu_fraction", nu_fraction)
+        self.use_pi = bool(use_pi)
+        self.ema_max_decay = check_fraction("ema_max_decay", ema_max_decay)
+
+    def _init_extra(self, net, params):
+        return {"velocity": [get_xp(w).zeros_like(w) for w in compact(net, params)],
+                "factors": None, "stats_count": 0, "inverses": None}
+
+    def _refresh_inverses(self, state):
+        inverses = []
+        for f in state["factors"]:
+            inv = factored_inverse(f["Omega"], f["Gamma"], self.damping, self.weight_decay,
+                                   use_pi=self.use_pi)
+            inverses.append({"Omega_inv": inv.Omega_inv, "Gamma_inv": inv.Gamma_inv,
+                             "pi": float(inv.pi)})
+        state["inverses"] = inverses
+
+    def preconditioned_gradient(self, state, grads) -> list:
+        """Eq. 22 with the stored damped inverses: Gamma_d^-1 G_l Omega_d^-1 per layer."""
+        return [inv["Gamma_inv"] @ g @ inv["Omega_inv"]
+                for g, inv in zip(grads, state["inverses"])]
+
+    def update_norm(self, net, params, x, v, rng) -> float:
+        """nu = v^T F v + lambda v^T v with the exact F on a random ``nu_fraction`` of x
+        (its own forward pass, in evaluation mode: no dropout)."""
+        sub = take(x, subset_indices(x.shape[0], self.nu_fraction, rng))
+        return fisher_quadratic(net, params, sub, expand(net, v)) + self.weight_decay * inner(v, v)
+
+    def _update(self, state, net, params, x, y, rng):
+        k = state["k"]
+        loss, g, tape = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, rng)
+        stats_updated = state["factors"] is None or k % self.stats_period == 0
+        if stats_updated:
+            self._refresh_factors(state, net, params, x, rng, tape=tape)
+        del tape
+        inverses_updated = state["inverses"] is None or k % self.inverse_period == 0
+        if inverses_updated:
+            self._refresh_inverses(state)
+        v = [-self.lr * d for d in self.preconditioned_gradient(state, g)]
+        nu, clipped = None, False
+        if self.clip is not None:
+            nu = self.update_norm(net, params, x, v, rng)
+            if nu > self.clip:
+                scale = math.sqrt(self.clip / nu)
+                v = [scale * vl for vl in v]
+                clipped = True
+        velocity = [self.momentum * p + vl for p, vl in zip(state["velocity"], v)]
+        state["velocity"] = velocity
+        new_ws = [w + p for w, p in zip(compact(net, params), velocity)]
+        info = {"loss": loss, "nu": nu, "clipped": clipped,
+                "pi": [inv["pi"] for inv in state["inverses"]],
+                "stats_updated": stats_updated, "inverses_updated": inverses_updated}
+        return new_ws, state, info
