@@ -58,18 +58,19 @@ print("quick mode" if QUICK else "full mode", "| kfc_ref", kfc_ref.__version__)
 # %% [markdown]
 # ## The package at a glance
 #
-# | module | what it holds |
-# |---|---|
-# | `expand` | [[A]] (im2col, Eq. 25) and its adjoint |
-# | `layers`, `pooling`, `network`, `models` | layers with forward/backward/forward-mode passes, `Sequential`, model zoo |
-# | `losses` | softmax cross-entropy, targets sampled from the model |
-# | `fisher` | exact / Monte-Carlo / empirical Fisher of tiny nets (Eq. 3) |
-# | `factors` | $\Omega$, $\Gamma$ (Theorem 2, Eq. 23) |
-# | `theorem1`, `ladder` | Theorem 1's beta construction; exact -> IAD -> SUD -> KFC ladder |
-# | `damping` | $\pi$ (Eq. 8), factored (Eq. 21) and exact (App. B.2) damping |
-# | `invariance` | Theorem 3 (Eq. 24, Lemma 2) |
-# | `correlation`, `sud` | the SUD analysis of App. D.1 |
-# | `optim`, `kfc_pre`, `kfac`, `train` | SGD, KFC-pre, K-FAC and the training loop |
+# * `kfc_ref.nn`: [[A]] (im2col, Eq. 25), layers with forward, backward and forward-mode passes,
+#   losses, `Sequential`, models;
+# * `kfc_ref.curvature`: exact, Monte-Carlo and empirical Fisher (Eq. 3), $\Omega$ and $\Gamma$
+#   (Eq. 23), damping (Eqs. 8, 21, 33-38);
+# * `kfc_ref.theory`: Theorem 1's beta construction, the approximation ladder, Theorem 3, the
+#   SUD analysis (App. D.1);
+# * `kfc_ref.optim`: SGD, KFC-pre (Algorithm 1), K-FAC with KFC blocks (App. B.2);
+# * `kfc_ref.data`: the built-in and downloadable datasets, preprocessing, mini-batches;
+# * `kfc_ref.experiments`: training, sweeps, the theorem checks, figures, the tour, benchmarks.
+#
+# The conventions (bias column first, vec order, where $1/|\mathcal T|$ goes) are in
+# [docs/conventions.md](../docs/conventions.md); [docs/paper_map.md](../docs/paper_map.md) maps
+# every equation of the paper to the function that implements it and the test that checks it.
 #
 # ## A first taste: one conv layer, exact Fisher block vs KFC
 #
@@ -104,7 +105,7 @@ print("relative error ||F_l - Omega kron Gamma|| / ||F_l|| =",
 #
 # ![exact Fisher block vs KFC](../figures/exact_vs_kfc.png)
 #
-# And the headline experiment in miniature (notebook 07, `python -m kfc_ref tour`):
+# And the headline experiment in miniature (notebook 07):
 #
 # ![KFC-pre vs SGD](../figures/training.png)
 
@@ -120,7 +121,7 @@ from kfc_ref.curvature.damping import factored_inverse
 y = rng.integers(0, 3, size=x.shape[0])
 loss, grads, _ = net.loss_and_grads(params, x, y)
 inv = factored_inverse(fac.Omega, fac.Gamma, damping=1e-3)
-step = inv.apply(grads[layer])                        # Gamma_d^-1 G Omega_d^-1, same shape as W_bar
+step = inv.apply(grads[layer])                        # Gamma_d^-1 G Omega_d^-1, shape of W_bar
 dense = np.linalg.solve(np.kron(fac.Omega + inv.pi * 1e-3**0.5 * np.eye(fac.Omega.shape[0]),
                                  fac.Gamma + 1e-3**0.5 / inv.pi * np.eye(fac.Gamma.shape[0])),
                          grads[layer].T.reshape(-1))    # the same thing as one dense solve
@@ -132,7 +133,9 @@ print("pi =", inv.pi, "| max difference to the dense solve:",
 #
 # 1. Change `channels=(3, 3)` to `(2, 4)` or the activation (`activation="relu"`): how does the
 #    relative error change?
-# 2. Replace the random `x` by structured inputs, e.g. `np.repeat(rng.normal(size=(n, 1, 1, 1)), 6, 2)`
-#    repeated along both spatial axes: spatially constant images make SH hold exactly. What
-#    happens to the error?
+# 2. Replace the random `x` by spatially constant images,
+#    `x = np.tile(rng.normal(size=(len(x), 1, 1, 1)), (1, 1, 6, 6))` (one value repeated along
+#    both spatial axes). The first layer's input is then spatially homogeneous (SH) apart from
+#    the zero padding. Does the error of either conv layer's block go down? (Hint: what do
+#    constant images do to the spatial correlation of the derivatives, i.e. to SUD?)
 # 3. Run `python -m kfc_ref tour --quick --out /tmp/tour` in a terminal and open `summary.md`.

@@ -16,7 +16,8 @@
 # %% [markdown]
 # # 1. Convolution layers and the expansion operator [[A]]
 #
-# A conv layer computes (Eq. 10) $s_{i,t} = \sum_{\delta\in\Delta} w_{i,j,\delta}\,a_{j,t+\delta} + b_i$
+# A conv layer computes (Eq. 10)
+# $s_{i,t} = \sum_{\delta\in\Delta} w_{i,j,\delta}\,a_{j,t+\delta} + b_i$
 # and its weight derivatives are sums over locations (Eq. 11):
 # $\mathcal Dw_{i,j,\delta} = \sum_{t\in\mathcal T} a_{j,t+\delta}\,\mathcal Ds_{i,t}$.
 #
@@ -59,7 +60,7 @@ print(A_H[0, 0])
 # ## The forward pass is one matrix product (Eqs. 26, 29)
 #
 # `Conv2d.forward` computes exactly $[\![A]\!]_H\bar W^\top$, reshaped to NCHW. Compare with
-# the definition (Eq. 10) written as loops (`reference.conv2d_loops`).
+# the definition (Eq. 10) written as loops (`kfc_ref.nn.loops.conv2d_loops`).
 
 # %%
 from kfc_ref.nn.layers import Conv2d
@@ -71,7 +72,8 @@ W_bar = conv.init_param((J, H, W), rng, "float64")
 W_bar[:, 0] = rng.normal(size=I)                           # a non-zero bias, column 0
 S, cache = conv.forward(x, W_bar)
 S_matrix = A_H @ W_bar.T                                    # (N, |T|, I)
-print("forward == [[A]]_H W_bar^T:", np.allclose(S, S_matrix.transpose(0, 2, 1).reshape(N, I, H, W)))
+print("forward == [[A]]_H W_bar^T:",
+      np.allclose(S, S_matrix.transpose(0, 2, 1).reshape(N, I, H, W)))
 S_loops = conv2d_loops(x, W_bar[:, 1:].reshape(I, J, 3, 3), W_bar[:, 0], 1, 1)
 print("forward == Eq. 10 loops:  ", np.allclose(S, S_loops))
 
@@ -116,4 +118,5 @@ print("dx == col2im(DS W):", np.allclose(dx, col2im(DS @ W_bar[:, 1:], x.shape, 
 #    patch rows change? Do the checks above still pass?
 # 2. Count the zeros coming from the padding in `A_H`; which rows have none? (These are the
 #    locations where $\beta(\delta,\delta')$ of Eq. 17 counts every offset.)
-# 3. Write the backward pass for the bias alone from Eq. 28: why is it $\sum_{n,t}\mathcal Ds_{i,t}$?
+# 3. Write the backward pass for the bias alone from Eq. 28: why is it
+#    $\sum_{n,t}\mathcal Ds_{i,t}$?

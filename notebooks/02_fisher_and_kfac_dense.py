@@ -44,8 +44,8 @@ print("quick mode" if QUICK else "full mode", "| kfc_ref", kfc_ref.__version__)
 # %%
 from kfc_ref.nn.layers import Dense, Tanh
 from kfc_ref.nn.network import Sequential
-from kfc_ref.curvature.fisher import true_fisher, monte_carlo_fisher, empirical_fisher, fisher_blocks, \
-    exact_layer_factors, kl_divergence
+from kfc_ref.curvature.fisher import (empirical_fisher, exact_layer_factors, fisher_blocks,
+                                      kl_divergence, monte_carlo_fisher, true_fisher)
 
 rng = np.random.default_rng(0)
 net = Sequential([Dense(4, 6), Tanh(), Dense(6, 3)], (4,))
@@ -70,7 +70,8 @@ for k in ks:
     print(f"k = {k:3d} samples/example: ||F_k - F|| / ||F|| = "
           f"{np.linalg.norm(Fk - F) / np.linalg.norm(F):.3f}")
 Fe = empirical_fisher(net, params, x, y)
-print(f"empirical Fisher:          ||F_emp - F|| / ||F|| = {np.linalg.norm(Fe - F) / np.linalg.norm(F):.3f}")
+print(f"empirical Fisher:          ||F_emp - F|| / ||F|| = "
+      f"{np.linalg.norm(Fe - F) / np.linalg.norm(F):.3f}")
 
 # %% [markdown]
 # ## The Fisher is the curvature of the KL divergence
@@ -94,7 +95,7 @@ for eps in (1e-1, 1e-2, 1e-3):
 # $y$ taken exactly.
 
 # %%
-for k, (layer, block) in enumerate(zip(net.param_layers, fisher_blocks(F, net))):
+for layer, block in zip(net.param_layers, fisher_blocks(F, net)):
     fac = exact_layer_factors(net, params, x, layer)
     approx = np.kron(fac.Omega, fac.Gamma)
     print(f"layer {layer}: block {block.shape}, ||F_l - Psi kron Gamma|| / ||F_l|| = "
@@ -128,7 +129,8 @@ print("Eq. 6 == dense solve:", np.allclose(fast.ravel(order="F"), dense))
 # %% [markdown]
 # ## Exercises
 #
-# 1. Replace `Tanh` by `ReLU` (`from kfc_ref.nn.layers import ReLU`): does K-FAC get better or worse?
+# 1. Replace `Tanh` by `ReLU` (`from kfc_ref.nn.layers import ReLU`): does K-FAC get better or
+#    worse?
 # 2. How many Monte-Carlo samples per example are needed for a 5% relative error?
 # 3. Show numerically that the empirical Fisher equals the Fisher when the labels `y` are drawn from
 #    the model (`kfc_ref.nn.losses.sample_targets`) and averaged over many draws.

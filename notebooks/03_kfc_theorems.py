@@ -21,13 +21,15 @@
 # \mathcal Ds_{i,t})(\sum_{t'} a_{j',t'+\delta'}\mathcal Ds_{i',t'})]$.
 #
 # * **IAD**: activations independent of derivatives;
-# * **SH** (Eqs. 13-15): $\mathbb E[a_{j,t}] = M(j)$, $\mathbb E[a_{j,t}a_{j',t'}] = \Omega(j,j',t'-t)$,
+# * **SH** (Eqs. 13-15): $\mathbb E[a_{j,t}] = M(j)$,
+#   $\mathbb E[a_{j,t}a_{j',t'}] = \Omega(j,j',t'-t)$,
 #   $\mathbb E[\mathcal Ds_{i,t}\mathcal Ds_{i',t'}] = \Gamma(i,i',t'-t)$;
 # * **SUD**: $\Gamma(i,i',\delta) = 0$ for $\delta\ne 0$.
 #
 # **Theorem 1** (Eqs. 16-17): under all three,
 # $\mathbb E[\mathcal Dw_{i,j,\delta}\mathcal Dw_{i',j',\delta'}] = \beta(\delta,\delta')\,
-# \Omega(j,j',\delta'-\delta)\,\Gamma(i,i',0)$, i.e. the block is $\Omega\otimes\Gamma$ (Eqs. 18-19),
+# \Omega(j,j',\delta'-\delta)\,\Gamma(i,i',0)$, i.e. the block is $\Omega\otimes\Gamma$
+# (Eqs. 18-19),
 # where $\beta$ counts the locations at which both offsets fall inside the map.
 
 # %%
@@ -46,8 +48,9 @@ print("quick mode" if QUICK else "full mode", "| kfc_ref", kfc_ref.__version__)
 
 # %%
 from kfc_ref.nn.expand import ConvGeometry
-from kfc_ref.theory.theorem1 import (StationaryGaussianField, beta, beta_matrix, exact_gradient_second_moment,
-                              theorem1_prediction, exact_omega, omega_from_autocovariance, plugin_omega)
+from kfc_ref.theory.theorem1 import (StationaryGaussianField, beta, beta_matrix,
+                                     exact_gradient_second_moment, theorem1_prediction,
+                                     exact_omega, omega_from_autocovariance, plugin_omega)
 
 geom = ConvGeometry(3, 3, stride=1, padding=1)
 T1 = T2 = 4
@@ -112,7 +115,8 @@ print("smallest eigenvalue, plug-in Omega:", np.linalg.eigvalsh(plugin_omega(x_b
 # ## How far is a real layer from KFC? The approximation ladder
 #
 # On a real network none of the assumptions holds exactly. `approximation_ladder` applies them one
-# at a time to the exact block of one conv layer (design notes, section 6):
+# at a time to the exact block of one conv layer
+# ([docs/ladder.md](../docs/ladder.md) gives the formulas):
 # exact -> IAD -> IAD+SUD -> KFC (+SH), plus KFC-SUA (Appendix C) and the diagonal, reporting the
 # relative error and the angle between the damped solves $F^{-1}g$ and $F_k^{-1}g$.
 
@@ -138,5 +142,7 @@ print(format_ladder(ladder))
 #    derivatives (hint: `exact_gradient_second_moment` assumes independence -- build a case where
 #    the prediction fails by sampling both from one field and estimating with `im2col`).
 # 2. Change `geom` to stride 2 or padding 0: Theorem 1 still holds with the general $\beta$
-#    (appendices section 10 item 5). Check it.
-# 3. Which rung of the ladder loses the most? Try `problem.layer_index = problem.net.param_layers[0]`.
+#    (`beta_axis` counts, per axis, the output locations at which both offsets read inside the
+#    input). Check it.
+# 3. Which rung of the ladder loses the most? Try
+#    `problem.layer_index = problem.net.param_layers[0]`.

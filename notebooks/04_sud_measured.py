@@ -51,7 +51,7 @@ def show(path):
 # rows, $f_t = z_t + z_{t+1}$, has correlation exactly $1/2$ at row offset 1 and 0 beyond.
 
 # %%
-from kfc_ref.theory.correlation import spatial_autocorrelation, cross_map_correlation, mean_offcentre_correlation
+from kfc_ref.theory.correlation import mean_offcentre_correlation, spatial_autocorrelation
 
 rng = np.random.default_rng(0)
 n = 200 if QUICK else 1000
@@ -62,14 +62,15 @@ R = 2
 for name, field in (("white", white), ("moving average", smooth)):
     ac = spatial_autocorrelation(field, R)
     print(f"{name:15s} offset (1,0): {ac[0, R + 1, R]:+.3f}  (0,1): {ac[0, R, R + 1]:+.3f}  "
-          f"(2,0): {ac[0, R + 2, R]:+.3f}  | mean off-centre |corr| {float(mean_offcentre_correlation(ac)):.3f}")
+          f"(2,0): {ac[0, R + 2, R]:+.3f}  | mean off-centre |corr| "
+          f"{float(mean_offcentre_correlation(ac)):.3f}")
 print("noise level ~ 1/sqrt(n |T|) =", 1 / np.sqrt(n * 144))
 
 # %% [markdown]
 # ## A briefly trained net: max pooling vs average pooling
 #
-# Train the same small net twice with SGD (`kfc_ref.experiments.train`), once with max pooling and once with
-# average pooling, then run `sud_analysis` on held-out images.
+# Train the same small net twice with SGD (`kfc_ref.experiments.train`), once with max pooling
+# and once with average pooling, then run `sud_analysis` on held-out images.
 
 # %%
 import tempfile
@@ -94,13 +95,32 @@ for arch, layers in sud.items():
           "activations:", [round(l.activation_summary, 3) for l in layers])
 
 # %%
-rows = [(f"{'max' if arch == 'small' else 'avg'} conv{k + 1}", l.derivative_autocorr, l.derivative_cross)
-        for arch in ("small", "small-avg") for k, l in enumerate(sud[arch])]
+rows = [(f"{'max' if arch == 'small' else 'avg'} conv{k + 1}", l.derivative_autocorr,
+         l.derivative_cross) for arch in ("small", "small-avg") for k, l in enumerate(sud[arch])]
 png = plotting.plot_correlation_panels(rows, "derivatives: max pool (top) vs avg pool (bottom)",
                                        out, "derivatives")[0]
 show(png)
-rows = [(f"conv{k + 1}", l.activation_autocorr, l.activation_cross) for k, l in enumerate(sud["small"])]
-show(plotting.plot_correlation_panels(rows, "activations (uncentred, Figure 4)", out, "activations")[0])
+rows = [(f"conv{k + 1}", l.activation_autocorr, l.activation_cross)
+        for k, l in enumerate(sud["small"])]
+show(plotting.plot_correlation_panels(rows, "activations (uncentred, Figure 4)", out,
+                                      "activations")[0])
+
+# %% [markdown]
+# **Why the cross-map panels are mostly white.** A correlation needs a non-zero variance: a map
+# whose derivative is zero on every evaluation image has none, and its row and column of the
+# cross-map matrix (and its spatial panel) are left blank. After so little training many maps of
+# the second conv layer are *dead*: their ReLU is off at every location of every image, so they
+# receive no derivative at all. The cross-map matrix is taken at one location, where a live map
+# of the max-pool net can also be zero everywhere because it never wins its pool there. The
+# averages printed above skip such maps. Count them:
+
+# %%
+for arch, layers in sud.items():
+    for k, l in enumerate(layers):
+        dead = np.isnan(l.derivative_autocorr).all(axis=(1, 2))      # zero everywhere
+        blank = np.isnan(np.diag(l.derivative_cross))                # zero at the panel's location
+        print(f"{arch:9s} conv{k + 1}: {len(dead)} maps, {dead.sum()} dead, "
+              f"{blank.sum()} blank in the cross-map panel")
 
 # %% [markdown]
 # With max pooling only the unit that wins its pool receives a derivative, which sparsifies the
@@ -116,6 +136,8 @@ show(plotting.plot_correlation_panels(rows, "activations (uncentred, Figure 4)",
 # the optimizer interface directly (`opt.step`), measuring every few steps:
 
 # %%
+import matplotlib.pyplot as plt
+
 from kfc_ref.optim import SGD
 from kfc_ref.data import MinibatchStream
 from kfc_ref.theory.sud import sud_summary
@@ -138,7 +160,9 @@ for k in range(steps + 1):
 ks = [h[0] for h in history]
 for layer in range(len(history[0][1])):
     plt.plot(ks, [h[1][layer] for h in history], "o-", label=f"conv{layer + 1}")
-plt.xlabel("SGD iteration"); plt.ylabel("mean |corr.| of derivatives, offset != 0"); plt.legend()
+plt.xlabel("SGD iteration")
+plt.ylabel("mean |corr.| of derivatives, offset != 0")
+plt.legend()
 plt.show()
 
 # %% [markdown]
