@@ -42,17 +42,13 @@
 # measured -> 05 invariance (Theorem 3) -> 06 damping -> 07 training KFC-pre vs SGD.
 
 # %%
-# Setup. KFC_REF_QUICK=1 (what CI sets) shrinks every experiment so the notebook runs in seconds.
-import os
-import sys
-
-QUICK = os.environ.get("KFC_REF_QUICK", "0") == "1"
-if os.path.isdir(os.path.join("..", "kfc_ref")):  # run from notebooks/: use this checkout's code
-    sys.path.insert(0, os.path.abspath(".."))
-import kfc_ref
+# Setup (notebooks/nbsetup.py): use this checkout's kfc_ref; QUICK (KFC_REF_QUICK=1, what CI
+# sets) shrinks every experiment so the notebook runs in seconds.
 import numpy as np
+from nbsetup import QUICK
 
-np.set_printoptions(precision=4, suppress=True, linewidth=110)
+import kfc_ref
+
 print("quick mode" if QUICK else "full mode", "| kfc_ref", kfc_ref.__version__)
 
 # %% [markdown]

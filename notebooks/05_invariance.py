@@ -25,25 +25,14 @@
 # whitening the activations (Section 4.1). SGD has no such property.
 
 # %%
-# Setup. KFC_REF_QUICK=1 (what CI sets) shrinks every experiment so the notebook runs in seconds.
-import os
-import sys
-
-QUICK = os.environ.get("KFC_REF_QUICK", "0") == "1"
-if os.path.isdir(os.path.join("..", "kfc_ref")):  # run from notebooks/: use this checkout's code
-    sys.path.insert(0, os.path.abspath(".."))
-import kfc_ref
+# Setup (notebooks/nbsetup.py): use this checkout's kfc_ref; QUICK (KFC_REF_QUICK=1, what CI
+# sets) shrinks every experiment so the notebook runs in seconds; show(png) displays a figure.
 import numpy as np
+from nbsetup import QUICK, show
 
-np.set_printoptions(precision=4, suppress=True, linewidth=110)
+import kfc_ref
+
 print("quick mode" if QUICK else "full mode", "| kfc_ref", kfc_ref.__version__)
-
-# %%
-from IPython.display import Image, display
-def show(path):
-    """Display a PNG written by a kfc_ref.experiments.plotting function."""
-    display(Image(filename=path))
-
 
 # %%
 from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
