@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every measured figure of the closing notes, on this machine's CPU, in one run.
 # Usage: bash benchmarks/run_cpu.sh CIFAR_DIR OUT_DIR   (CIFAR_DIR holds cifar-10-batches-bin;
-# decode the shared copy with `python3 ../shared/data/cifar10/to_cifar_bin.py data_local`).
+# the official binary version from https://www.cs.toronto.edu/~kriz/cifar.html, unpacked).
 # Takes about an hour on 2 cores. Results: OUT_DIR/*.txt, *.json and the run folders.
 set -euo pipefail
 CIFAR=${1:?CIFAR_DIR}

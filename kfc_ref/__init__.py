@@ -29,7 +29,7 @@ N (mini-batch, the paper's M)       ``N`` / ``x.shape[0]``
 J, I                                input / output feature maps (``in_channels``, ``out_channels``)
 |T|, |Delta|                        output locations ``T``, kernel offsets ``kh*kw``
 [[A]]_H (Eq. 25, 29)                ``nn.expand.expand_homogeneous`` (patches with a ones column 0)
-W_bar = (b | W) (App. A)            the single parameter matrix of Conv2d / Dense, I x (1 + J|Delta|)
+W_bar = (b | W) (App. A)            the parameter matrix of Conv2d / Dense, I x (1 + J|Delta|)
 DS                                  ``LayerRecord.DS`` (per-example pre-activation derivatives)
 Omega, Gamma (Thm 2, Eq. 23)        ``curvature.factors.KroneckerFactors.Omega`` / ``.Gamma``
 gamma (damping), lambda (w. decay)  ``damping``, ``weight_decay``

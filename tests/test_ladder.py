@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.theory.ladder: the approximation ladder of design.md section 6.
+"""Tests for kfc_ref.theory.ladder: the approximation ladder (docs/ladder.md).
 
 (a) the exact rung is the layer's block of the true Fisher (kfc_ref.curvature.fisher);
 (b) the KFC rung (built from the location moments) equals kfc_ref.curvature.factors' Omega kron Gamma with

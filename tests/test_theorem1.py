@@ -153,7 +153,7 @@ def test_omega_from_autocovariance_rejects_bad_shapes():
        st.integers(1, 2))
 def test_theorem1_exact_under_iad_sh_sud(case, seed, noise_channels):
     """Eqs. 16-19 and 47: E[vec(DW_bar) vec(DW_bar)^T] = Omega kron Gamma(0) exactly, for any
-    stride, padding and dilation (beta in the general form of appendices.md s. 10 item 5)."""
+    stride, padding and dilation (beta in the general per-axis form of theorem1.beta_axis)."""
     geom, act, der = _fields(case, seed, noise_channels)
     exact = exact_gradient_second_moment(act, der, geom)
     assert _rel(theorem1_prediction(act, der, geom), exact) < THEOREM1_RTOL

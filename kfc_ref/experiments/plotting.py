@@ -189,7 +189,7 @@ def plot_fisher_vs_kfc(panels: list[tuple[str, object]], title: str, out_dir: st
 
 
 def plot_ladder(rows: list, title: str, out_dir: str, name: str) -> list[str]:
-    """The approximation ladder (design.md s. 6) as two bar charts: ||F_k - F|| / ||F|| and the
+    """The approximation ladder (docs/ladder.md) as two bar charts: ||F_k - F|| / ||F|| and the
     angle between the damped solves F^-1 g and F_k^-1 g.  rows: (name, rel_error, angle_deg)."""
     plt = _pyplot()
     names = [r[0] for r in rows]

@@ -123,7 +123,7 @@ def tiny_problem(dataset, budget: Budget, seed: int = 0) -> TinyProblem:
 
 def exact_vs_kfc(problem: TinyProblem, num_examples: int,
                  damping: float = LADDER_DAMPING) -> Ladder:
-    """The approximation ladder (design.md s. 6) of the problem's conv layer on its first
+    """The approximation ladder (docs/ladder.md) of the problem's conv layer on its first
     ``num_examples`` images: exact block, IAD, IAD+SUD, KFC, KFC-SUA, diagonal."""
     x, y = problem.x[:num_examples], problem.y[:num_examples]
     return approximation_ladder(problem.net, problem.params, x, y, problem.layer_index, damping)

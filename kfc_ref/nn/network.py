@@ -12,7 +12,7 @@ In this order the KFC block of layer l is Omega_l kron Gamma_l (Eq. 18) and
 Records (``LayerRecord``): what curvature code reads from a parametric layer, per example:
 the patches [[A]] (N, |T|, J|Delta|) of its input and the pre-activation derivatives DS
 (N, |T|, I) of the *per-example* loss.  The backward pass runs on the *mean* loss, so DS is the
-backpropagated dout times N (design.md section 3).
+backpropagated dout times N (docs/conventions.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """K-FAC with KFC blocks (Appendix B.2; K-FAC App. D-H, Martens & Grosse 2015).
 
-Per iteration k (1, 2, ...) on the mini-batch S' = (x, y) (appendices.md sections 3-4)::
+Per iteration k (1, 2, ...) on the mini-batch S' = (x, y) (B.2; K-FAC's rules where B.2 defers)::
 
     grad h       backprop with the true labels; h = mean loss + (r/2)||theta||^2
     factors      moving averages (eps = min(1 - 1/k, 0.95)) of Omega, Gamma from targets sampled
@@ -17,7 +17,7 @@ Per iteration k (1, 2, ...) on the mini-batch S' = (x, y) (appendices.md section
                  rule (Eq. 32) lambda <- omega_1 lambda (rho > 3/4) or lambda / omega_1 (rho < 1/4)
     theta <- theta + delta;  delta_0 <- delta;  theta_bar <- xi theta_bar + (1 - xi) theta
 
-**Damping convention (the sqrt caveat of appendices.md sections 3 and 4.0).**  B.2 damps exactly,
+**Damping convention (B.2 mixes two conventions for gamma).**  B.2 damps exactly,
 F_hat + gamma I, but suggests gamma = sqrt(lambda + r) and "never smaller", which is K-FAC's
 *factored* convention, where each factor gets a multiple of gamma and the product gains about
 gamma^2 I.  Default here, ``damping_convention="sqrt"``: gamma keeps K-FAC's square-root scale

@@ -17,7 +17,7 @@ Factor initialisation: Algorithm 1 estimates the factors on the whole training s
 first step; :meth:`KFCPre.initialize_factors` does this from many mini-batches (an equally
 weighted mean of their estimates).  Without it, the factors come from the first mini-batch.
 
-Moving-average decay [I] (the paper gives none; appendices.md section 4.1): K-FAC's
+Moving-average decay [I] (the paper gives none; our choice, from K-FAC App. D): K-FAC's
 eps = min(1 - 1/k, 0.95), where here k counts the mini-batch *estimates* averaged so far (the
 initialisation batches included), so that the average starts as a plain mean and the initial
 full-data estimate is not thrown away by the first refresh.  With T_s = 1 and no initialisation

@@ -11,8 +11,8 @@ layer of a trained network:
   moments (the Omega statistics).
 
 The paper does not state the exact estimator, normalization, window or location
-(appendices.md section 7, "[N]"); this module implements the reading of appendices.md section 10,
-item 10 [I]:
+(neither Appendix D.1 nor the figure captions do); this module implements the following reading
+of the figures [I]:
 
 * spatial panel of map c:  E[f_{c,t} f_{c,t+delta}] / E[f_{c,t}^2], averaged over the examples and
   over every location t for which t and t + delta are both in the grid, for |delta_k| <= 6
@@ -54,7 +54,7 @@ __all__ = [
     "mean_offcentre_correlation",
 ]
 
-#: The paper's Figure 3/4 panels span about +-6 offsets per axis (13 x 13), appendices.md s. 7.
+#: The paper's Figure 3/4 panels span about +-6 offsets per axis (13 x 13), read off the figures.
 DEFAULT_MAX_OFFSET = 6
 
 

@@ -18,7 +18,7 @@ with (Eqs. 79-81), for a parametric layer whose K = J m input columns are ordere
 
     [[V]]_H = [[1, d^T kron 1_m^T], [0, V kron I_m]]   ((1 + K) x (1 + K)),
 
-because [[A V + 1 d^T]]_H = [[A]]_H [[V]]_H.  **Padding caveat** (appendices.md E.2): with zero
+because [[A V + 1 d^T]]_H = [[A]]_H [[V]]_H.  **Padding caveat** (E.2 ignores padding): with zero
 padding the padded entries of [[A]] stay 0 instead of becoming d_j, so Eq. 79 fails at border
 patches when d != 0.  Shifts d are therefore only allowed in front of unpadded ("valid") convs
 and dense layers; :func:`dagger_params` raises otherwise, and :func:`random_reparameterization`
@@ -210,7 +210,8 @@ def layer_transforms(net: Sequential, reparam: Reparameterization) -> list[Layer
         if isinstance(layer, Conv2d) and layer.geom.padding > 0 and bool(get_xp(d).any(d != 0)):
             raise ValueError(f"layer {slot.layer_index} is a zero-padded conv (padding="
                              f"{layer.geom.padding}); a shift d != 0 in front of it breaks Eq. 79 "
-                             "at the border (appendices.md E.2) -- use d = 0 or an unpadded conv")
+                             "at the border (padded zeros are not shifted) -- use d = 0 or an "
+                             "unpadded conv")
         out.append(LayerTransform(slot.layer_index, slot.after.U, slot.after.c,
                                   expanded_transform(slot.before.V, d, k // slot.num_maps_in)))
     return out

@@ -1,5 +1,5 @@
 """The approximation ladder from the exact Fisher block of one conv layer down to KFC
-(design.md section 6; Section 3's assumptions IAD, SUD, SH applied one at a time), plus
+(docs/ladder.md; Section 3's assumptions IAD, SUD, SH applied one at a time), plus
 KFC-SUA (App. C, Theorem 4) and the diagonal of the exact block.
 
 Per example n write a_t for row t of [[A_n]]_H (length K = 1 + J|Delta|) and d_t for row t of

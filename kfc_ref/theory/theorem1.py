@@ -11,7 +11,7 @@ T_out,
 
 beta counts the output locations at which both offsets read inside the grid (activations are
 zero in the padding, which is why beta appears).  The paper states beta for stride 1 and padding
-R (Eq. 17/48); appendices.md section 10 item 5 gives it per axis for any stride s and padding p:
+R (Eq. 17/48); counting the same locations per axis extends it to any stride s and padding p:
 beta_axis(u, u') = #{t < T_out : 0 <= s t + u - p < T_in and 0 <= s t + u' - p < T_in}, and
 the bias weight beta(delta) is beta(delta, delta) (equal to Eq. 48's beta(delta, 0) for "same"
 padding).  Dilation d reads the input at d u instead of u.
@@ -45,7 +45,7 @@ def beta(delta, delta_prime, T1: int, T2: int) -> int:
 
 def beta_axis(u: int, u_prime: int, T_in: int, T_out: int, stride: int = 1, padding: int = 0,
               kernel: int | None = None, dilation: int = 1) -> int:
-    """One axis of beta for any stride and padding (appendices.md section 10 item 5):
+    """One axis of beta for any stride and padding (Eq. 17/48's count, generalised):
     #{t in 0..T_out-1 : 0 <= s t + d u - p < T_in and 0 <= s t + d u' - p < T_in}."""
     if kernel is not None and not (0 <= u < kernel and 0 <= u_prime < kernel):
         raise ValueError(f"kernel offsets u={u}, u'={u_prime} must lie in 0..{kernel - 1}")

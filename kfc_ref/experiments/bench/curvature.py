@@ -2,7 +2,7 @@
 
 * :func:`bench_exact_fisher`: time and peak host memory of ``fisher.true_fisher`` on a tiny
   conv net with P ~ 1,000 parameters, N = 256 examples and 10 classes (dense P x P result);
-* :func:`ladder_report`: the approximation ladder (design.md section 6) on
+* :func:`ladder_report`: the approximation ladder (docs/ladder.md) on
   ``models.tiny_convnet()`` for its two conv layers.
 
 Timings are wall-clock (best of ``repeats``) and depend on the machine and the BLAS; peak memory
