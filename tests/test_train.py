@@ -71,7 +71,7 @@ def test_cli_writes_config_and_metrics(tmp_path, capsys):
     code = main(["--optimizer", "sgd", "--data", "digits", "--iters", "3", "--batch-size", "16",
                  "--max-train", "64", "--max-test", "32", "--quiet", "--out", out])
     assert code == 0
-    assert json.load(open(os.path.join(out, "config.json")))["optimizer"] == "sgd"
+    assert json.load(open(os.path.join(out, "config.json")))["settings"]["optimizer"] == "sgd"
     assert len(read_metrics(out)) >= 1
     assert "finished" in capsys.readouterr().out
 
