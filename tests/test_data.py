@@ -20,6 +20,17 @@ ZCA_COV_ATOL = 1e-4
 STD_ATOL = 1e-5
 
 N_TRAIN_PER_BATCH, N_TEST = 2, 3
+N_SVHN_TRAIN, N_SVHN_TEST = 5, 4
+
+
+@pytest.fixture(autouse=True)
+def small_official_files(monkeypatch):
+    """The loaders insist on the official record counts; the files written here are tiny."""
+    counts = {name: N_TRAIN_PER_BATCH for name in datasets.CIFAR10_TRAIN_BATCHES}
+    monkeypatch.setattr(datasets, "CIFAR10_EXPECTED_RECORDS",
+                        {**counts, datasets.CIFAR10_TEST_BATCH: N_TEST})
+    monkeypatch.setattr(datasets, "SVHN_EXPECTED_RECORDS",
+                        dict(zip(datasets.SVHN_FILES, (N_SVHN_TRAIN, N_SVHN_TEST))))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -206,7 +217,7 @@ def test_cifar_py_truncated_and_malformed(tmp_path):
 
 
 # --------------------------------------------------------------------------- SVHN
-def _write_svhn(tmp_path, n_train=5, n_test=4):
+def _write_svhn(tmp_path, n_train=N_SVHN_TRAIN, n_test=N_SVHN_TEST):
     sio = pytest.importorskip("scipy.io")
     rng = np.random.default_rng(2)
     out = {}

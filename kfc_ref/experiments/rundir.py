@@ -5,7 +5,8 @@ replaced by accident.
   existing non-empty one is refused with a message naming ``--resume`` and ``--overwrite``; a
   file of that name is refused.  Nothing is created or removed here.
 * :func:`make_output` (once the arguments and data are validated): creates the folder, and with
-  ``overwrite`` removes the files the command owns (``owned``), never anything else.
+  ``overwrite`` removes the files the command owns (``owned``), never anything else;
+  :func:`clear_runs` does that for the training runs of ``figures`` and ``tour``.
 
 Every error is a :class:`RunDirectoryError` (a ``ValueError``) naming the path.
 """
@@ -15,7 +16,10 @@ import os
 
 from kfc_ref.experiments.checkpoint import describe_os_error
 
-__all__ = ["RunDirectoryError", "check_new_output", "make_output"]
+__all__ = ["RUN_FILES", "RunDirectoryError", "check_new_output", "clear_runs", "make_output"]
+
+#: The files a training run writes in its directory.
+RUN_FILES = ("config.json", "metrics.csv", "checkpoint.npz")
 
 
 class RunDirectoryError(ValueError):
@@ -30,12 +34,17 @@ def check_new_output(path, *, overwrite: bool, what: str = "run directory",
         raise RunDirectoryError(f"the {what} path is empty")
     if os.path.exists(path) and not os.path.isdir(path):
         raise RunDirectoryError(f"{what} {path!r} is a file, not a folder; choose another path")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    if os.path.isdir(path) and _has_content(path) and not overwrite:
         hint = (f"continue it with --resume {path}, " if resume_hint else "")
         raise RunDirectoryError(
             f"{what} {path!r} already exists and is not empty; {hint}choose a new path, or pass "
             "--overwrite to replace what this command writes there")
     return path
+
+
+def _has_content(path: str) -> bool:
+    """Anything but stale temporary files of an interrupted atomic write."""
+    return any(not name.startswith(".tmp-") for name in os.listdir(path))
 
 
 def make_output(path, *, overwrite: bool, owned=(), what: str = "run directory") -> str:
@@ -52,3 +61,14 @@ def make_output(path, *, overwrite: bool, owned=(), what: str = "run directory")
         raise RunDirectoryError(f"cannot create {what} {path!r}: {describe_os_error(exc)}") \
             from None
     return path
+
+
+def clear_runs(runs_dir, *, overwrite: bool) -> None:
+    """With ``overwrite``, empty the run directories under ``runs_dir`` of their
+    :data:`RUN_FILES` so that a command that trains there again (figures, tour) starts fresh."""
+    if not overwrite or not os.path.isdir(runs_dir):
+        return
+    for name in sorted(os.listdir(runs_dir)):
+        path = os.path.join(runs_dir, name)
+        if os.path.isdir(path):
+            make_output(path, overwrite=True, owned=RUN_FILES)

@@ -23,7 +23,9 @@ import numpy as np
 
 from kfc_ref.experiments import studies as ex
 from kfc_ref.experiments.checks import run_checks
-from kfc_ref.experiments.figures import add_run_arguments, compute_all, device_error, draw_all
+from kfc_ref.experiments.cli import CommandParser, add_output_arguments
+from kfc_ref.experiments.figures import add_run_arguments, compute_all, draw_all, output_error
+from kfc_ref.experiments.rundir import clear_runs, make_output
 
 DATA = "mnist5k"
 
@@ -139,22 +141,23 @@ def write_summary(path: str, res, checks, total_seconds: float, quick: bool) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kfc_ref tour",
-                                description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = CommandParser(prog="python -m kfc_ref tour",
+                      description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="tiny budgets (CI, well under a minute)")
-    p.add_argument("--out", default="tour", help="output folder (default: tour)")
+    add_output_arguments(p, "tour folder")
     add_run_arguments(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if (code := device_error(args.device)) is not None:
+    if (code := output_error(args, "tour folder")) is not None:
         return code
     t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
+    make_output(args.out, overwrite=args.overwrite, what="tour folder")
+    clear_runs(os.path.join(args.out, "runs"), overwrite=args.overwrite)
     print("[0/5] theorem checks", flush=True)
     checks = run_checks(args.seed)
     t_checks = time.perf_counter() - t0

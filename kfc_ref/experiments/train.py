@@ -51,12 +51,11 @@ from kfc_ref.experiments.metrics import (  # noqa: F401  (read_metrics: part of 
     METRIC_COLUMNS, METRICS_NAME, format_metric, info_columns, log_value, read_metrics,
     write_metrics)
 from kfc_ref.experiments.progress import Progress
-from kfc_ref.experiments.rundir import check_new_output, make_output
+from kfc_ref.experiments.rundir import RUN_FILES, check_new_output, make_output
 from kfc_ref.nn.losses import classification_error, cross_entropy
 from kfc_ref.nn.models import build_model
 from kfc_ref.optim import make_optimizer, state_from_numpy, state_to_numpy
 
-RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME)
 #: A loss above this multiple of the first mini-batch loss (or above EXPLODE_ABSOLUTE) counts as
 #: exploding: far beyond any loss a working run reaches, well before float overflow.
 EXPLODE_FACTOR = 20.0
