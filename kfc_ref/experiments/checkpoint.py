@@ -29,7 +29,11 @@ class CheckpointError(ValueError):
 
 
 class FileWriteError(OSError):
-    """Writing a run file failed (disk full, permissions); the previous file is intact."""
+    """Writing a run file failed (disk full, permissions); the previous file is intact.
+    ``errno`` and ``filename`` are those of the failed write."""
+
+    def __str__(self):
+        return str(self.args[0])
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -321,6 +321,9 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[Setup, R
         make_output(run_dir, overwrite=overwrite, owned=RUN_FILES)
         write_run_record(run_dir, new_run_record(setup.cfg, setup.opt, setup.data_sizes))
         return setup, fresh_state(setup)
+    for name in os.listdir(run_dir):                 # half-written files of a killed run
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(run_dir, name))
     if os.path.exists(ckpt):
         run = load_run_state(ckpt, setup)
     elif os.path.exists(metrics):
