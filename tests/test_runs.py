@@ -300,3 +300,27 @@ def test_device_batches_gather_on_the_device_with_host_indices():
         assert isinstance(gx, GuardedArray) and c.syncs == 0 and c.launches <= 3
         np.testing.assert_array_equal(gx.__kfc_host__(), xb)
         np.testing.assert_array_equal(gy.__kfc_host__(), yb)
+
+
+def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monkeypatch):
+    """The --device gpu path on CPU: every array lives in the guarded namespace (which refuses
+    direct NumPy calls), the training set is uploaded once, and the run is bit-identical."""
+    from guarded_xp import asguarded
+    from kfc_ref.nn.network import Sequential
+    cpu = train(_cfg(tmp_path / "cpu", iters=4, eval_every=2))
+    real_init, uploads = Sequential.init, []
+
+    class CountingBatches(DeviceBatches):
+        def __init__(self, x, y, xp):
+            uploads.append(len(y))
+            super().__init__(x, y, xp)
+    monkeypatch.setattr(Sequential, "init", lambda self, *a, **k: [
+        None if p is None else asguarded(p) for p in real_init(self, *a, **k)])
+    monkeypatch.setattr(train_mod, "namespace_for", lambda device: guarded)
+    monkeypatch.setattr(train_mod, "DeviceBatches", CountingBatches)
+    dev = train(_cfg(tmp_path / "dev", iters=4, eval_every=2))
+    assert uploads == [RUN["max_train"]]
+    assert all(isinstance(p, GuardedArray) for p in dev.params if p is not None)
+    assert _strip_time(dev.metrics) == _strip_time(cpu.metrics)
+    np.testing.assert_array_equal(_final(tmp_path / "dev")[0]["theta"],
+                                  _final(tmp_path / "cpu")[0]["theta"])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from kfc_ref.backend import check_device
+from kfc_ref.backend import check_device, namespace_for
 from kfc_ref.data import DATASET_NAMES
 from kfc_ref.experiments.checkpoint import atomic_write_text
 from kfc_ref.experiments.cli import CommandParser
@@ -162,8 +162,7 @@ def software_versions(device: str) -> dict:
     info = {"kfc_ref": kfc_ref.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
     if device == "gpu":
-        import importlib
-        info["cupy"] = importlib.import_module("cupy").__version__
+        info["cupy"] = namespace_for("gpu").__version__
     try:
         here = os.path.dirname(os.path.abspath(kfc_ref.__file__))
         done = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
