@@ -46,7 +46,7 @@ class Progress:
         """Whether :meth:`update` at iteration ``k`` will show the loss."""
         if self.mode == "quiet":
             return False
-        if force or k >= self.total:
+        if force:
             return True
         if self.mode == "bar":
             return time.perf_counter() - self.last_refresh >= REFRESH_SECONDS
