@@ -371,14 +371,12 @@ def main(argv=None) -> int:
         result = train(cfg, resume=resume, overwrite=bool(args.overwrite))
     except (TrainingStopped, FileWriteError) as exc:
         return fail(exc, 1)
-    except RunInterrupted as exc:
+    except KeyboardInterrupt as exc:                 # RunInterrupted carries SIGINT/SIGTERM
+        signum = getattr(exc, "signum", signal.SIGINT)
         where = args.resume or args.out
-        print(f"stopped by {signal.Signals(exc.signum).name} at a clean point; log and "
-              f"checkpoint are consistent in {where} (continue with --resume {where})",
-              file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        return 130
+        print(f"stopped by {signal.Signals(signum).name}; log and checkpoint are consistent in "
+              f"{where} (continue with --resume {where})", file=sys.stderr)
+        return 128 + signum
     except (ValueError, RuntimeError, OSError) as exc:
         return fail(exc)
     last = result.metrics[-1] if result.metrics else {}
