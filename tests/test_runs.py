@@ -176,8 +176,8 @@ def test_disk_full_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys
     def full(fh, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(checkpoint, "_write_and_sync", full)
-    code = train_mod.main(["--data", "digits", "--max-train", "64", "--batch-size", "16", "--iters", "1", "--quiet",
-                           "--out", str(tmp_path / "run")])
+    code = train_mod.main(["--data", "digits", "--max-train", "64", "--batch-size", "16",
+                           "--iters", "1", "--quiet", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "ENOSPC" in err
 
@@ -211,8 +211,8 @@ def test_sigterm_stops_at_a_clean_point_like_ctrl_c(tmp_path, monkeypatch, refer
 def test_sigterm_on_the_command_line(tmp_path, monkeypatch, capsys):
     _signal_at_step(monkeypatch, 2, signal.SIGTERM)
     out = str(tmp_path / "run")
-    code = train_mod.main(["--data", "digits", "--max-train", "64", "--batch-size", "16", "--iters", "5", "--quiet",
-                           "--out", out])
+    code = train_mod.main(["--data", "digits", "--max-train", "64", "--batch-size", "16",
+                           "--iters", "5", "--quiet", "--out", out])
     assert code == 128 + signal.SIGTERM
     assert f"--resume {out}" in capsys.readouterr().err
 

@@ -13,6 +13,6 @@ from kfc_ref.data.datasets import DATASET_NAMES, Dataset, load_dataset, stratifi
 from kfc_ref.data.stream import DeviceBatches, MinibatchStream, iterate_minibatches
 from kfc_ref.data.transforms import ZCA_DEFAULT_EPSILON, Standardizer, ZCAWhitener, preprocess
 
-__all__ = ["DATASET_NAMES", "Dataset", "DeviceBatches", "MinibatchStream", "Standardizer", "ZCAWhitener",
-           "ZCA_DEFAULT_EPSILON", "iterate_minibatches", "load_dataset", "preprocess",
-           "stratified_split"]
+__all__ = ["DATASET_NAMES", "Dataset", "DeviceBatches", "MinibatchStream", "Standardizer",
+           "ZCAWhitener", "ZCA_DEFAULT_EPSILON", "iterate_minibatches", "load_dataset",
+           "preprocess", "stratified_split"]
