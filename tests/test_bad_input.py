@@ -346,3 +346,23 @@ def test_train_cli_names_a_corrupt_checkpoint(run_copy, capsys):
 def test_other_commands_errors_are_one_line(run_dir, tmp_path, capsys, main, argv, needle):
     argv = [a.replace("RUN", run_dir).replace("X", str(tmp_path / "new")) for a in argv]
     _one_line_error(capsys, _exit_code(main, argv), needle)
+
+
+def test_a_plain_npy_file_is_not_a_checkpoint(tmp_path):
+    path = str(tmp_path / "checkpoint.npz")
+    with open(path, "wb") as fh:
+        np.save(fh, np.zeros(3))
+    with pytest.raises(CheckpointError, match="single .npy array"):
+        load_checkpoint(path)
+
+
+def test_an_unwritable_run_directory_is_named(tmp_path, monkeypatch):
+    from kfc_ref.experiments import rundir
+
+    def refuse(path, exist_ok=False):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(rundir.os, "makedirs", refuse)
+    out = str(tmp_path / "locked" / "run")
+    with pytest.raises(RunDirectoryError) as exc:
+        train_mod.train(TrainConfig(out=out, **TINY_RUN))
+    assert out in str(exc.value) and "Permission denied (EACCES)" in str(exc.value)

@@ -107,9 +107,10 @@ def load_checkpoint(path: str, required=()) -> tuple[dict, dict]:
     advice = ("it is not a complete kfc_ref checkpoint; restore the run directory from a copy or "
               "start a new run with --out (or --overwrite)")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("it holds a single .npy array, not an .npz archive")
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):
+            raise ValueError("it holds a single .npy array, not an .npz archive")
+        with data:
             arrays = {k: data[k] for k in data.files if k != _META_KEY}
             if _META_KEY not in data.files:
                 raise ValueError("it has no kfc_ref metadata")
