@@ -324,3 +324,23 @@ def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monke
     assert _strip_time(dev.metrics) == _strip_time(cpu.metrics)
     np.testing.assert_array_equal(_final(tmp_path / "dev")[0]["theta"],
                                   _final(tmp_path / "cpu")[0]["theta"])
+
+
+def test_an_interrupt_never_checkpoints_a_diverged_state(tmp_path, monkeypatch):
+    """A device loss (here a NumPy scalar, not a host float) is read only at log points; a
+    Ctrl-C after it went NaN stops the run without saving that state."""
+    out = tmp_path / "run"
+    real, calls = train_mod._step, [0]
+
+    def step(setup, run):
+        calls[0] += 1
+        real(setup, run)
+        if calls[0] >= 4:
+            run.info = {**run.info, "loss": np.float32("nan")}
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(train_mod, "_step", step)
+    with pytest.raises(train_mod.TrainingStopped, match="loss nan at iteration 5"):
+        train(_cfg(out))
+    _, meta, rows = _final(out)
+    assert meta["iteration"] == 3 and [r["iteration"] for r in rows] == [3.0]

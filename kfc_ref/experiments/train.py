@@ -289,7 +289,12 @@ def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progres
         due = run.k > 0 and (run.k % cfg.eval_every == 0 or run.k >= total or timed_out)
         if due and (not run.rows or run.rows[-1]["iteration"] != run.k):
             _check_loss(run, ckpt)
-            run.rows.append(_evaluate(setup, run))
+            row = _evaluate(setup, run)
+            if not math.isfinite(row["train_loss"]):
+                raise TrainingStopped(f"the averaged parameters give a training loss of "
+                                      f"{row['train_loss']} at iteration {run.k}; stopped. The "
+                                      f"last good checkpoint is kept in {ckpt}; try a smaller --lr")
+            run.rows.append(row)
             _save(setup, run, run_dir)
             progress.update(run.k, run.k * cfg.batch_size, run.elapsed,
                             log_value(run.info.get("loss", math.nan)),
@@ -351,7 +356,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
     except KeyboardInterrupt:
         # At an iteration boundary, inside a step (which rewound itself) or inside an
         # evaluation: the state at k is consistent; a pending evaluation at k is done on resume.
+        # A diverged state is never saved (TrainingStopped instead).
         progress.close()
+        _check_loss(run, os.path.join(run_dir, CHECKPOINT_NAME))
         _save(setup, run, run_dir)
         raise
     finally:
