@@ -366,3 +366,9 @@ def test_an_unwritable_run_directory_is_named(tmp_path, monkeypatch):
     with pytest.raises(RunDirectoryError) as exc:
         train_mod.train(TrainConfig(out=out, **TINY_RUN))
     assert out in str(exc.value) and "Permission denied (EACCES)" in str(exc.value)
+
+
+def test_an_unknown_optimizer_option_in_config_json_is_named(run_copy, capsys):
+    _edit_config(run_copy, lambda r: r["settings"].update(optimizer_options={"colour": 1}))
+    _one_line_error(capsys, train_mod.main(["--resume", run_copy]),
+                    "optimizer_options={'colour': 1} is not allowed for optimizer='sgd'")

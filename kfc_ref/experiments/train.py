@@ -55,6 +55,7 @@ from kfc_ref.experiments.rundir import RUN_FILES, check_new_output, make_output
 from kfc_ref.nn.losses import classification_error, cross_entropy
 from kfc_ref.nn.models import build_model
 from kfc_ref.optim import make_optimizer, state_from_numpy, state_to_numpy
+from kfc_ref.validate import ArgumentError
 
 #: A loss above this multiple of the first mini-batch loss (or above EXPLODE_ABSOLUTE) counts as
 #: exploding: far beyond any loss a working run reaches, well before float overflow.
@@ -125,7 +126,11 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
         options.setdefault("damping", cfg.damping)
     if cfg.optimizer != "kfac":
         options["lr"] = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
-    return make_optimizer(cfg.optimizer, **options)
+    try:
+        return make_optimizer(cfg.optimizer, **options)
+    except TypeError as exc:                         # an unknown keyword in optimizer_options
+        raise ArgumentError(f"optimizer_options={cfg.optimizer_options!r} is not allowed for "
+                            f"optimizer={cfg.optimizer!r}: {exc}") from None
 
 
 def evaluate(net, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
