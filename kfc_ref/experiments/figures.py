@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             res = compute_all(args.data, args.data_dir, quick=args.quick, seed=args.seed,
                               device=args.device, runs_dir=args.runs_dir or tmp)
             make_output(args.out, overwrite=args.overwrite, what="figure folder")
-        except (ValueError, OSError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:
             return fail(exc)
         paths = draw_all(res, args.out)
     print(f"wrote {len(paths)} files to {args.out} in {time.perf_counter() - t0:.0f} s")

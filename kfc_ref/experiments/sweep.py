@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         best, rows = lr_sweep(base, rates, overwrite=args.overwrite)
     except FileWriteError as exc:
         return fail(exc, 1)
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError, ImportError) as exc:
         return fail(exc)
     for r in rows:
         mark = "  <- best" if r.lr == best else ""

@@ -23,7 +23,7 @@ import numpy as np
 
 from kfc_ref.experiments import studies as ex
 from kfc_ref.experiments.checks import run_checks
-from kfc_ref.experiments.cli import CommandParser, add_output_arguments
+from kfc_ref.experiments.cli import CommandParser, add_output_arguments, fail
 from kfc_ref.experiments.figures import add_run_arguments, compute_all, draw_all, output_error
 from kfc_ref.experiments.rundir import clear_runs, make_output
 
@@ -156,14 +156,17 @@ def main(argv=None) -> int:
     if (code := output_error(args, "tour folder")) is not None:
         return code
     t0 = time.perf_counter()
-    make_output(args.out, overwrite=args.overwrite, what="tour folder")
-    clear_runs(os.path.join(args.out, "runs"), overwrite=args.overwrite)
-    print("[0/5] theorem checks", flush=True)
-    checks = run_checks(args.seed)
-    t_checks = time.perf_counter() - t0
-    res = compute_all(DATA, seed=args.seed, device=args.device,
-                      runs_dir=os.path.join(args.out, "runs"),
-                      budget=ex.QUICK if args.quick else ex.TOUR)
+    try:
+        make_output(args.out, overwrite=args.overwrite, what="tour folder")
+        clear_runs(os.path.join(args.out, "runs"), overwrite=args.overwrite)
+        print("[0/5] theorem checks", flush=True)
+        checks = run_checks(args.seed)
+        t_checks = time.perf_counter() - t0
+        res = compute_all(DATA, seed=args.seed, device=args.device,
+                          runs_dir=os.path.join(args.out, "runs"),
+                          budget=ex.QUICK if args.quick else ex.TOUR)
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        return fail(exc)
     res.timings = {"theorem checks": t_checks, **res.timings}
     t_draw = time.perf_counter()
     paths = draw_all(res, args.out)

@@ -389,7 +389,7 @@ def main(argv=None) -> int:
         print(f"stopped by {signal.Signals(signum).name}; log and checkpoint are consistent in "
               f"{where} (continue with --resume {where})", file=sys.stderr)
         return 128 + signum
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError, ImportError) as exc:
         return fail(exc)
     last = result.metrics[-1] if result.metrics else {}
     print(f"{result.status}: {len(result.metrics)} evaluations in {result.out_dir}; last: "
