@@ -229,6 +229,11 @@ def config_from_settings(settings: dict, path: str) -> TrainConfig:
         raise ArgumentError(f"{path}: setting {exc}") from None
 
 
+def resumable_flags() -> str:
+    """'--iters, --epochs, ...': the command-line names of :data:`RESUMABLE`."""
+    return ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
+
+
 def reconcile(record: dict, cfg: TrainConfig, run_dir: str) -> tuple[TrainConfig, dict]:
     """The config to resume with: the recorded settings, with the :data:`RESUMABLE` ones that
     the validated ``cfg`` changes.  A setting ``cfg`` leaves at None (default) keeps its
@@ -252,10 +257,9 @@ def reconcile(record: dict, cfg: TrainConfig, run_dir: str) -> tuple[TrainConfig
         if new == old:
             continue
         if name not in RESUMABLE:
-            allowed = ", ".join("--" + r.replace("_", "-") for r in RESUMABLE)
             raise ArgumentError(
                 f"--resume {run_dir}: {name}={new!r} differs from the run's recorded "
-                f"{name}={old!r} ({path}); only {allowed} may change on resume. "
+                f"{name}={old!r} ({path}); only {resumable_flags()} may change on resume. "
                 "Start a new run (--out) for other settings")
         changed[name] = [old, new]
     resumed = dataclasses.replace(saved, out=cfg.out, quiet=cfg.quiet,
@@ -270,7 +274,11 @@ def build_train_parser() -> CommandParser:
         prog="python -m kfc_ref train",
         description="Train a conv net with SGD, KFC-pre (App. B.1) or K-FAC with KFC blocks "
                     "(App. B.2) in a fresh run directory DIR (config.json, metrics.csv and an "
-                    "atomic checkpoint.npz), or continue the run in DIR with --resume DIR.",
+                    "atomic checkpoint.npz), or continue the run in DIR with --resume DIR: its "
+                    f"recorded settings are used; only {resumable_flags()} may differ (the "
+                    "change is recorded in config.json). Evaluation uses the first "
+                    "--eval-examples examples of each split (0: all) every --eval-every "
+                    "iterations, so it stays under 15% of a run's time by default.",
         epilog="examples: python -m kfc_ref train --optimizer kfc-pre --data mnist5k --iters 200 "
                "--out runs/kfc;  python -m kfc_ref train --resume runs/kfc --iters 400")
     d = TrainConfig()
