@@ -233,6 +233,8 @@ def _deferred_signals():
         if stop.signum is not None:
             raise RunInterrupted(signum)
         stop.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration (send it again "
+              "to stop at once; the last checkpoint stays intact)", file=sys.stderr, flush=True)
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
