@@ -344,3 +344,24 @@ def test_an_interrupt_never_checkpoints_a_diverged_state(tmp_path, monkeypatch):
         train(_cfg(out))
     _, meta, rows = _final(out)
     assert meta["iteration"] == 3 and [r["iteration"] for r in rows] == [3.0]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, monkeypatch,
+                                                                  reference):
+    out = tmp_path / "run"
+    real, calls = train_mod._step, [0]
+
+    def step(setup, run):
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)       # raises here, before the update
+        real(setup, run)
+    monkeypatch.setattr(train_mod, "_step", step)
+    with pytest.raises(RunInterrupted):
+        train(_cfg(out))
+    monkeypatch.undo()
+    _, meta, rows = _final(out)
+    assert meta["iteration"] == 4 and [r["iteration"] for r in rows] == [3.0]
+    train(_cfg(out), resume=True)
+    _assert_identical(out, reference)
