@@ -10,7 +10,7 @@ Figures written (PNG and PDF, names without extension):
   vs average pooling, activations (App. D.1);
 * ``exact_vs_kfc``     the exact Fisher block of a tiny conv layer, Omega kron Gamma (Eq. 18),
   and their difference;
-* ``ladder``           the approximation ladder exact -> IAD -> IAD+SUD -> KFC (Section 3);
+* ``ladder``           the approximation ladder exact -> IAD -> IAD+SUD -> KFC (design.md s. 6);
 * ``training``         KFC-pre vs SGD against seconds and iterations (Figures 1-2 in miniature);
 * ``damping``          factored (Eq. 21) vs exact (App. B.2) damping against gamma;
 * ``invariance``       Theorem 3 over a trajectory: centred/whitened reparameterisation.

@@ -93,7 +93,7 @@ def _curvature_section(res) -> list[str]:
     lad, d = res.ladder, res.damping
     rows = [[r.name, _fmt(r.rel_error, ".4f"), _fmt(r.angle_deg, ".2f")] for r in lad.rows]
     k = int(np.argmin(np.abs(np.log(d.dampings / 1e-3))))
-    lines = ["## Exact Fisher block vs KFC (Section 3)", "",
+    lines = ["## Exact Fisher block vs KFC (Sections 3, design.md s. 6)", "",
              f"Second conv layer of a tiny tanh net trained {res.budget.tiny_iters} SGD steps on "
              f"MNIST shrunk to {res.tiny_side}x{res.tiny_side}; expectations over "
              f"{res.budget.ladder_examples} images and exactly over the model's labels; angles "
