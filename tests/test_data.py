@@ -1,4 +1,5 @@
-"""Tests for kfc_ref.data.readers (file readers) and kfc_ref.data.datasets (loading, preprocessing, batches).
+"""Tests for kfc_ref.data.readers (file readers) and kfc_ref.data.datasets (loading,
+preprocessing, batches).
 
 CIFAR-10 and SVHN files are written in their official formats into tmp_path with a few
 records each; no network and no real data are needed.

