@@ -288,7 +288,16 @@ def test_svhn_with_the_wrong_count_is_refused(tmp_path):
     savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1))})
     with pytest.raises(ValueError, match="train_32x32.mat: holds 2 images, the official file "
                                          "holds 73257"):
-        readers.read_svhn_mat(path, readers.SVHN_EXPECTED_RECORDS["train_32x32.mat"])
+        readers.read_svhn_mat(path, expected_records=73_257)
+
+
+def test_truncated_svhn_mat_is_named(tmp_path):
+    from scipy.io import savemat
+    path = tmp_path / "test_32x32.mat"
+    savemat(path, {"X": np.zeros((32, 32, 3, 20), np.uint8), "y": np.ones((20, 1))})
+    path.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(ValueError, match="test_32x32.mat: not a readable MATLAB v5 SVHN file"):
+        readers.read_svhn_mat(path)
 
 
 # --------------------------------------------------------------------------- command line

@@ -26,12 +26,10 @@ N_SVHN_TRAIN, N_SVHN_TEST = 5, 4
 
 @pytest.fixture(autouse=True)
 def small_official_files(monkeypatch):
-    """The loaders insist on the official record counts; the files written here are tiny."""
+    """The CIFAR-10 loader insists on the official record counts; the files here are tiny."""
     counts = {name: N_TRAIN_PER_BATCH for name in datasets.CIFAR10_TRAIN_BATCHES}
     monkeypatch.setattr(datasets, "CIFAR10_EXPECTED_RECORDS",
                         {**counts, datasets.CIFAR10_TEST_BATCH: N_TEST})
-    monkeypatch.setattr(datasets, "SVHN_EXPECTED_RECORDS",
-                        dict(zip(datasets.SVHN_FILES, (N_SVHN_TRAIN, N_SVHN_TEST))))
 
 
 # --------------------------------------------------------------------------- helpers
