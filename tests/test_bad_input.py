@@ -223,10 +223,10 @@ def _edit_config(run, edit):
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda r: r["settings"].update(colour="red"), "unknown setting(s) 'colour'"),
-    (lambda r: r["settings"].pop("batch_size"), "missing setting(s) 'batch_size'"),
-    (lambda r: r["settings"].update(batch_size="16"), "batch_size='16'"),
-    (lambda r: r.pop("settings"), "key 'settings' is missing"),
+    (lambda r: r.update(colour="red"), "unknown setting(s) 'colour'"),
+    (lambda r: r.pop("batch_size"), "missing setting(s) 'batch_size'"),
+    (lambda r: r.update(batch_size="16"), "batch_size='16'"),
+    (lambda r: r.pop("resumes"), "key 'resumes' is missing"),
     (lambda r: r.update(format="something else"), "not a kfc_ref run record"),
 ])
 def test_config_file_problems_are_named(run_copy, edit, needle):
@@ -378,6 +378,6 @@ def test_an_unwritable_run_directory_is_named(tmp_path, monkeypatch):
 
 
 def test_an_unknown_optimizer_option_in_config_json_is_named(run_copy, capsys):
-    _edit_config(run_copy, lambda r: r["settings"].update(optimizer_options={"colour": 1}))
+    _edit_config(run_copy, lambda r: r.update(optimizer_options={"colour": 1}))
     _one_line_error(capsys, train_mod.main(["--resume", run_copy]),
                     "optimizer_options={'colour': 1} is not allowed for optimizer='sgd'")

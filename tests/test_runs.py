@@ -132,7 +132,7 @@ def test_a_copied_run_resumes_where_it_is(tmp_path, reference):
     assert _digest(original) == before                    # untouched
     _assert_identical(copy, reference)
     record = json.loads((copy / "config.json").read_text())
-    assert record["settings"]["iters"] == 12
+    assert record["iters"] == 12
     assert record["resumes"] == [{"at_iteration": 6, "changed": {"iters": [6, 12]}}]
 
 
@@ -223,7 +223,7 @@ def test_config_records_resolved_settings_and_versions(tmp_path):
     train(TrainConfig(out=str(out), data="digits", max_train=64, max_test=32, epochs=0.5,
                       quiet=True, batch_size=16))
     record = json.loads((out / "config.json").read_text())
-    s = record["settings"]
+    s = record
     assert s["arch"] == "small" and s["lr"] == train_mod.DEFAULT_LR["sgd"]
     assert s["iters"] == 2 and s["epochs"] is None and s["eval_every"] >= 1
     assert s["eval_examples"] == EVAL_EXAMPLES and "out" not in s

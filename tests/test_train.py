@@ -71,7 +71,7 @@ def test_cli_writes_config_and_metrics(tmp_path, capsys):
     code = main(["--optimizer", "sgd", "--data", "digits", "--iters", "3", "--batch-size", "16",
                  "--max-train", "64", "--max-test", "32", "--quiet", "--out", out])
     assert code == 0
-    assert json.load(open(os.path.join(out, "config.json")))["settings"]["optimizer"] == "sgd"
+    assert json.load(open(os.path.join(out, "config.json")))["optimizer"] == "sgd"
     assert len(read_metrics(out)) >= 1
     assert "finished" in capsys.readouterr().out
 
@@ -107,5 +107,5 @@ def test_overwrite_removes_nothing_before_the_new_run_is_validated(tmp_path, cap
     assert main(common + ["--overwrite", "--data-dir", "/no/such", "--data", "cifar10"]) == 2
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
     assert main(common + ["--overwrite", "--lr", "0.01"]) == 0
-    assert json.load(open(os.path.join(out, "config.json")))["settings"]["lr"] == 0.01
+    assert json.load(open(os.path.join(out, "config.json")))["lr"] == 0.01
     capsys.readouterr()

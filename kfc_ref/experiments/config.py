@@ -3,8 +3,8 @@
 
 ``config.json`` (written atomically, see :func:`write_run_record`) holds::
 
-    {"format": "kfc_ref run 1",
-     "settings": {every TrainConfig field except ``out`` and ``quiet``, defaults resolved},
+    {every TrainConfig field except ``out`` and ``quiet``, defaults resolved: the settings,
+     "format": "kfc_ref run 1",
      "optimizer_hyperparameters": {the optimizer's full hyperparameters},
      "data_sizes": {"train": N_train, "test": N_test},
      "software": {"kfc_ref", "numpy", "python", "cupy" (gpu runs), "git_commit" (or null)},
@@ -66,6 +66,8 @@ TRAIN_PER_EVAL_EXAMPLE = 8
 RESUMABLE = ("iters", "epochs", "eval_every", "time_limit", "device", "data_dir")
 #: TrainConfig fields that say where and how to show a run, not what it computes.
 NOT_RECORDED = ("out", "quiet")
+#: The keys of ``config.json`` next to the settings.
+RECORD_KEYS = ("format", "optimizer_hyperparameters", "data_sizes", "software", "resumes")
 
 
 @dataclass
@@ -181,7 +183,7 @@ def write_run_record(run_dir: str, record: dict) -> None:
 
 
 def new_run_record(cfg: TrainConfig, opt, data_sizes: dict) -> dict:
-    return {"format": RECORD_FORMAT, "settings": settings_of(cfg),
+    return {**settings_of(cfg), "format": RECORD_FORMAT,
             "optimizer_hyperparameters": {k: v for k, v in opt.hyperparameters().items()
                           if v is None or isinstance(v, (bool, int, float, str))},
             "data_sizes": data_sizes, "software": software_versions(cfg.device), "resumes": []}
@@ -205,11 +207,15 @@ def read_run_record(run_dir: str) -> dict:
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{path} is not a kfc_ref run record (expected \"format\": "
                          f"\"{RECORD_FORMAT}\")")
-    for key, kind in (("settings", dict), ("resumes", list)):
-        if not isinstance(record.get(key), kind):
-            raise ValueError(f"{path}: key {key!r} is missing or not a {kind.__name__}")  # noqa: TRY004
-    config_from_settings(record["settings"], path)
+    if not isinstance(record.get("resumes"), list):
+        raise ValueError(f"{path}: key 'resumes' is missing or not a list")  # noqa: TRY004
+    config_from_settings(record_settings(record), path)
     return record
+
+
+def record_settings(record: dict) -> dict:
+    """The settings of a run record: every key but :data:`RECORD_KEYS`."""
+    return {k: v for k, v in record.items() if k not in RECORD_KEYS}
 
 
 def config_from_settings(settings: dict, path: str) -> TrainConfig:
@@ -243,7 +249,7 @@ def reconcile(record: dict, cfg: TrainConfig, run_dir: str) -> tuple[TrainConfig
     Returns (config, {name: [old, new]}); any other difference is refused with an
     ArgumentError naming the setting, its value and the file."""
     path = os.path.join(run_dir, CONFIG_NAME)
-    saved = config_from_settings(record["settings"], path)
+    saved = config_from_settings(record_settings(record), path)
     given = dataclasses.replace(cfg)
     if given.epochs is not None:
         train_size = int(record.get("data_sizes", {}).get("train", 0))
@@ -339,7 +345,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool]:
     if args.overwrite:
         raise ArgumentError("--overwrite cannot be combined with --resume")
     record = read_run_record(args.resume)
-    base = config_from_settings(record["settings"], os.path.join(args.resume, CONFIG_NAME))
+    base = config_from_settings(record_settings(record), os.path.join(args.resume, CONFIG_NAME))
     if "epochs" in given:
         base.iters = None
     if "iters" in given:

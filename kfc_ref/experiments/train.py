@@ -181,7 +181,7 @@ def save_run_state(path: str, setup: Setup, run: RunState) -> None:
     arrays = {"theta": to_numpy(setup.net.flatten(run.params))}
     arrays.update({f"state/{n}": v for n, v in state_to_numpy(run.state).items()})
     arrays.update({f"stream/{n}": np.asarray(v) for n, v in setup.stream.state_dict().items()})
-    meta = {"settings": settings_of(setup.cfg), "iteration": run.k, "metrics": run.rows,
+    meta = {"config": settings_of(setup.cfg), "iteration": run.k, "metrics": run.rows,
             "wall_seconds": run.elapsed, "rng_state": run.rng.bit_generator.state,
             "first_loss": run.first_loss,
             "info": {key: log_value(value) for key, value in run.info.items()}}
@@ -191,7 +191,7 @@ def save_run_state(path: str, setup: Setup, run: RunState) -> None:
 def load_run_state(path: str, setup: Setup) -> RunState:
     """The RunState of the checkpoint at ``path``, checked to belong to this run."""
     arrays, meta = load_checkpoint(path, required=("theta",))
-    theirs = meta.get("settings", {})
+    theirs = meta.get("config", {})
     mine = settings_of(setup.cfg)
     foreign = [n for n in mine if n not in RESUMABLE and theirs.get(n) != mine[n]]
     if foreign:
@@ -345,7 +345,7 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[Setup, R
         run = fresh_state(setup)
     if changed:
         record["resumes"].append({"at_iteration": run.k, "changed": changed})
-        record["settings"] = settings_of(setup.cfg)
+        record.update(settings_of(setup.cfg))
         write_run_record(run_dir, record)
     write_metrics(metrics, run.rows)                 # the log matches the checkpoint
     return setup, run
