@@ -1,4 +1,5 @@
-"""Tests for kfc_ref.data.readers (file readers) and kfc_ref.data.datasets (loading, preprocessing, batches).
+"""Tests for kfc_ref.data.readers (file readers) and kfc_ref.data.datasets (loading,
+preprocessing, batches).
 
 CIFAR-10 and SVHN files are written in their official formats into tmp_path with a few
 records each; no network and no real data are needed.
@@ -20,6 +21,15 @@ ZCA_COV_ATOL = 1e-4
 STD_ATOL = 1e-5
 
 N_TRAIN_PER_BATCH, N_TEST = 2, 3
+N_SVHN_TRAIN, N_SVHN_TEST = 5, 4
+
+
+@pytest.fixture(autouse=True)
+def small_official_files(monkeypatch):
+    """The CIFAR-10 loader insists on the official record counts; the files here are tiny."""
+    counts = {name: N_TRAIN_PER_BATCH for name in datasets.CIFAR10_TRAIN_BATCHES}
+    monkeypatch.setattr(datasets, "CIFAR10_EXPECTED_RECORDS",
+                        {**counts, datasets.CIFAR10_TEST_BATCH: N_TEST})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -206,7 +216,7 @@ def test_cifar_py_truncated_and_malformed(tmp_path):
 
 
 # --------------------------------------------------------------------------- SVHN
-def _write_svhn(tmp_path, n_train=5, n_test=4):
+def _write_svhn(tmp_path, n_train=N_SVHN_TRAIN, n_test=N_SVHN_TEST):
     sio = pytest.importorskip("scipy.io")
     rng = np.random.default_rng(2)
     out = {}

@@ -95,3 +95,17 @@ def test_cli_rejects_unknown_choices():
     with pytest.raises(SystemExit) as exc:
         main(["--optimizer", "adam", "--out", "x"])
     assert exc.value.code == 2
+
+
+def test_overwrite_removes_nothing_before_the_new_run_is_validated(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["--data", "digits", "--iters", "2", "--batch-size", "16", "--max-train", "64",
+              "--max-test", "32", "--quiet", "--out", out]
+    assert main(common) == 0
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    assert main(common + ["--overwrite", "--lr", "-1"]) == 2          # refused: old run intact
+    assert main(common + ["--overwrite", "--data-dir", "/no/such", "--data", "cifar10"]) == 2
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+    assert main(common + ["--overwrite", "--lr", "0.01"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["lr"] == 0.01
+    capsys.readouterr()

