@@ -1,8 +1,8 @@
 """Tests for kfc_ref.theory.ladder: the approximation ladder (docs/ladder.md).
 
 (a) the exact rung is the layer's block of the true Fisher (kfc_ref.curvature.fisher);
-(b) the KFC rung (built from the location moments) equals kfc_ref.curvature.factors' Omega kron Gamma with
-    Gamma from the exact expectation over y;
+(b) the KFC rung (built from the location moments) equals kfc_ref.curvature.factors'
+    Omega kron Gamma with Gamma from the exact expectation over y;
 (c) the IAD and IAD+SUD rungs equal explicit loops over examples, classes and locations;
 (d) exact identities: N = 1 makes IAD exact; |T| = 1 collapses IAD, IAD+SUD and KFC; a 1x1
     kernel with "same" padding makes KFC-SUA equal to KFC;
@@ -83,7 +83,7 @@ def test_exact_and_kfc_rungs_match_fisher_and_factors(case):
     exact_row = ladder.rows[0]
     assert exact_row.name == "exact" and exact_row.rel_error == 0.0
     assert exact_row.angle_deg < 1e-3
-    for name, rel, angle in ladder.rows:
+    for _name, rel, angle in ladder.rows:
         assert rel >= 0 and 0 <= angle <= 180
 
 

@@ -28,7 +28,7 @@ import sys
 import textwrap
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as _host_np  # host-side Generators only
 

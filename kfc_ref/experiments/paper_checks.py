@@ -203,7 +203,8 @@ def _invariance(name, rng, dtype, xp, *, padded, method="kfc", damping=None, ort
     detail = (f"max |log p| gap after one step, method={method}"
               f"{'' if damping is None else f', damping={damping}'}, "
               f"{'padded' if padded else 'valid'} convs, "
-              f"{'orthogonal' if orthogonal else 'general'} U,V, shifts={'yes' if shifts else 'no'}")
+              f"{'orthogonal' if orthogonal else 'general'} U,V, "
+              f"shifts={'yes' if shifts else 'no'}")
     return measured(name, err, tol, dtype, detail, expect)
 
 
@@ -282,7 +283,8 @@ def _rel_fro(a, b) -> float:
           "E[vec(DW_bar) vec(DW_bar)^T] = Omega kron Gamma(0) exactly (beta construction)")
 def check_theorem1(rng, dtype, xp):
     geom, act, der = _random_fields(rng, dtype, xp)
-    err = _rel_fro(theorem1_prediction(act, der, geom), exact_gradient_second_moment(act, der, geom))
+    err = _rel_fro(theorem1_prediction(act, der, geom),
+                   exact_gradient_second_moment(act, der, geom))
     return measured("theorem1.exact", err, IDENTITY_TOL, dtype, f"{geom}, grid {act.grid}")
 
 
@@ -292,7 +294,8 @@ def check_theorem1_without_sud(rng, dtype, xp):
     geom, act, der = _random_fields(rng, dtype, xp, der_filter=(3, 3),
                                     geom=ConvGeometry(3, 3, 1, 1), grid=(4, 4))
     der.filt = xp.abs(der.filt) + 0.5                   # strongly positive neighbours
-    err = _rel_fro(theorem1_prediction(act, der, geom), exact_gradient_second_moment(act, der, geom))
+    err = _rel_fro(theorem1_prediction(act, der, geom),
+                   exact_gradient_second_moment(act, der, geom))
     return measured("control.theorem1_without_sud", err, BROKEN_MIN, dtype, expect="above")
 
 

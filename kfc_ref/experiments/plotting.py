@@ -1,7 +1,8 @@
 """Figure style and one function per figure.  Each function takes computed results (host NumPy
 arrays or plain numbers), draws one figure and writes it as PNG and PDF; it returns the paths.
 
-Computation lives elsewhere (``kfc_ref.theory.sud``, ``kfc_ref.theory.ladder``, training logs); these
+Computation lives elsewhere (``kfc_ref.theory.sud``, ``kfc_ref.theory.ladder``, training
+logs); these
 functions only draw, so they are cheap to test.
 """
 from __future__ import annotations

@@ -256,7 +256,9 @@ def training_run(optimizer: str, arch: str, budget: Budget, out: str, *, data: s
     another run's length).  A run whose loss explodes (``TrainingStopped``) is returned with
     the metrics logged before that, ``net``/``params``/``dataset`` None and ``status``
     'diverged: <message>'."""
-    from kfc_ref.experiments.train import TrainConfig, TrainingStopped, TrainResult, read_metrics, train
+    from kfc_ref.experiments.train import (
+        TrainConfig, TrainingStopped, TrainResult, read_metrics, train,
+    )
     cfg = TrainConfig(optimizer=optimizer, data=data, data_dir=data_dir, arch=arch,
                       batch_size=budget.batch_size, iters=iters or budget.train_iters, seed=seed,
                       device=device, out=out, eval_every=eval_every or budget.eval_every,

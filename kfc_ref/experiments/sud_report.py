@@ -150,7 +150,7 @@ def plot_history(history: list[dict], out: str) -> list[str]:
     for field in ("derivatives", "activations"):
         series = {}
         for k, layer in enumerate(history[-1]["layers"]):
-            def values(key, k=k):
+            def values(key, k=k, field=field):
                 return np.array([np.nan if h["layers"][k][field][key] is None
                                  else h["layers"][k][field][key] for h in history], dtype=float)
             series[layer["layer"]] = (values("mean_abs_corr"), values("shuffled_baseline"))

@@ -71,7 +71,7 @@ class PointwiseAffine:
     d: object
 
     @staticmethod
-    def identity(num_maps: int, like) -> "PointwiseAffine":
+    def identity(num_maps: int, like) -> PointwiseAffine:
         xp = get_xp(like)
         eye = xp.eye(num_maps, dtype=like.dtype)
         zero = xp.zeros(num_maps, dtype=like.dtype)
@@ -141,7 +141,8 @@ def _slots(net: Sequential, reparam: Reparameterization) -> list[_Slot]:
     Allowed: Conv2d, Dense, Flatten and at most one elementwise nonlinearity directly after each
     parametric layer (pooling or normalisation do not commute with pointwise affine maps)."""
     allowed = (Conv2d, Dense, Flatten) + ELEMENTWISE
-    extra = set(reparam.hidden) - {k for k, l in enumerate(net.layers) if isinstance(l, ELEMENTWISE)}
+    elementwise = {k for k, layer in enumerate(net.layers) if isinstance(layer, ELEMENTWISE)}
+    extra = set(reparam.hidden) - elementwise
     if extra:
         raise ValueError(f"reparam.hidden has keys {sorted(extra)} that are not elementwise "
                          "layers of the network")

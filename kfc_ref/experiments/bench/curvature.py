@@ -1,4 +1,4 @@
-"""Small curvature benchmarks, printed as plain text (``python -m kfc_ref.experiments.bench.curvature``).
+"""Curvature benchmarks (``python -m kfc_ref bench curvature``).
 
 * :func:`bench_exact_fisher`: time and peak host memory of ``fisher.true_fisher`` on a tiny
   conv net with P ~ 1,000 parameters, N = 256 examples and 10 classes (dense P x P result);
