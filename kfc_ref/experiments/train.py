@@ -34,7 +34,9 @@ from kfc_ref.experiments.checkpoint import CHECKPOINT_NAME, atomic_write_text, l
 from kfc_ref.data import DATASET_NAMES, MinibatchStream, load_dataset, preprocess
 from kfc_ref.nn.losses import classification_error, cross_entropy
 from kfc_ref.nn.models import ARCHITECTURES, build_model
-from kfc_ref.optim import OPTIMIZER_NAMES, make_optimizer, state_from_numpy, state_to_numpy
+from kfc_ref.optim import (
+    OPTIMIZER_NAMES, info_to_host, make_optimizer, state_from_numpy, state_to_numpy,
+)
 
 METRIC_COLUMNS = ("iteration", "examples_seen", "wall_seconds", "train_loss", "train_error",
                   "test_loss", "test_error", "nu", "clipped", "pi")
@@ -49,8 +51,6 @@ EXPLODE_FACTOR = 20.0
 EXPLODE_ABSOLUTE = 1e4
 #: Training-set evaluation uses at most this many examples (a fixed, seed-independent prefix).
 TRAIN_EVAL_EXAMPLES = 5000
-#: Mini-batches averaged to initialise the Kronecker factors (Algorithm 1, first lines).
-FACTOR_INIT_BATCHES = 5
 
 
 class TrainingStopped(RuntimeError):
@@ -247,11 +247,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         params = net.init(cfg.seed, cfg.dtype, cfg.device)
         state = opt.init_state(net, params)
         rng = np.random.default_rng([cfg.seed, 1])
-        if hasattr(opt, "initialize_factors"):
+        if opt.factor_init_batches:          # Algorithm 1's factor initialisation; SGD: 0
             init_stream = MinibatchStream(data.x_train, data.y_train, cfg.batch_size,
                                           seed=cfg.seed + 10_000)
             batches = [dev(next(init_stream)[0]) for _ in
-                       range(min(FACTOR_INIT_BATCHES, init_stream.steps_per_epoch))]
+                       range(min(opt.factor_init_batches, init_stream.steps_per_epoch))]
             state = opt.initialize_factors(state, net, params, batches, rng)
         k, rows, elapsed, first_loss = 0, [], 0.0, None
         atomic_write_text(os.path.join(cfg.out, "config.json"),
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             pending = (stream.state_dict(), rng.bit_generator.state)
             xb, yb = next(stream)
             new_params, new_state, info = opt.step(state, net, params, (dev(xb), dev(yb)), rng)
-            loss = info["loss"]
+            loss = float(info["loss"])    # a 0-d device array: this read syncs every step
             first_loss = loss if first_loss is None else first_loss
             if not math.isfinite(loss) or loss > max(EXPLODE_FACTOR * first_loss,
                                                      EXPLODE_ABSOLUTE):
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             elapsed = time.perf_counter() - t_start
             timed_out = cfg.time_limit is not None and elapsed >= cfg.time_limit
             if k % eval_every == 0 or k == total or timed_out:
-                avg = opt.averaged_params(net, state)
+                avg, info = opt.averaged_params(net, state), info_to_host(info)
                 tr_loss, tr_err = evaluate(net, avg, x_tr, y_tr)
                 te_loss, te_err = evaluate(net, avg, x_te, y_te)
                 rows.append({"iteration": k, "examples_seen": k * cfg.batch_size,
