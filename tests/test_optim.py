@@ -20,16 +20,17 @@ from sklearn.datasets import load_digits
 
 from guarded_xp import asguarded, guarded
 from kfc_ref.backend import get_xp, to_numpy
-from kfc_ref.curvature.damping import pi_trace
-from kfc_ref.curvature.factors import network_factors
+from kfc_ref.curvature.damping import NonFiniteCurvatureError, pi_trace
+from kfc_ref.curvature.factors import (
+    KroneckerFactors, moving_average, moving_average_decay, network_factors,
+)
 from kfc_ref.curvature.fvp import fisher_quadratic
-from kfc_ref.optim import SGD, KFCPre, info_to_host, make_optimizer
-from kfc_ref.curvature.factors import KroneckerFactors, moving_average, moving_average_decay
-from kfc_ref.optim.kronecker import average_in, estimate_factors
 from kfc_ref.nn.losses import cross_entropy
 from kfc_ref.nn.models import small_convnet, tiny_convnet
+from kfc_ref.optim import SGD, KFCPre, info_to_host, make_optimizer
 from kfc_ref.optim.base import compact, state_from_numpy, state_to_numpy, subset_indices
-from kfc_ref.optim.state import KFCPreState, SGDState
+from kfc_ref.optim.kronecker import average_in, estimate_factors
+from kfc_ref.optim.state import SGDState
 from kfc_ref.validate import ArgumentError
 
 #: KFC-pre step vs the dense P x P solve (float64).  The damped block-diagonal matrices here
@@ -430,3 +431,24 @@ def test_bad_batch_and_rng():
         opt.step(state, net, params, (x[:, :, :3], y), np.random.default_rng(0))
     with pytest.raises(ArgumentError, match="rng=0 .*numpy.random.Generator"):
         opt.step(state, net, params, (x, y), 0)
+
+
+@pytest.mark.parametrize("name,kw", [("kfc-pre", {"lr": 0.01, "stats_period": NEVER,
+                                                  "inverse_period": 2}),
+                                     ("kfac", {"stats_period": NEVER, "inverse_period": 2})])
+@pytest.mark.parametrize("to_device", [np.asarray, asguarded], ids=["numpy", "guarded"])
+def test_nan_factor_stops_the_step_with_the_same_error(name, kw, to_device):
+    """A NaN in a factor (a diverged run) raises NonFiniteCurvatureError at the next inverse
+    refresh on NumPy and on the guarded (CuPy-like) namespace alike, instead of NaN steps."""
+    net, params, x, y = tiny_problem(10)
+    ps = [None if p is None else to_device(p) for p in params]
+    opt = make_optimizer(name, **kw)
+    rng = np.random.default_rng(0)
+    state = opt.initialize_factors(opt.init_state(net, ps), net, ps, [to_device(x)], rng)
+    ps, state, _ = opt.step(state, net, ps, (to_device(x), to_device(y)), rng)   # k = 1
+    bad = state.factors[1].Gamma.copy()
+    bad[0, 0] = np.nan
+    state.factors[1] = KroneckerFactors(state.factors[1].Omega, bad,
+                                        state.factors[1].num_locations)
+    with pytest.raises(NonFiniteCurvatureError, match="layer 1 Gamma"):
+        opt.step(state, net, ps, (to_device(x), to_device(y)), rng)            # k = 2: refresh
