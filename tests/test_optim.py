@@ -28,7 +28,7 @@ from kfc_ref.curvature.fvp import fisher_quadratic
 from kfc_ref.nn.losses import cross_entropy
 from kfc_ref.nn.models import small_convnet, tiny_convnet
 from kfc_ref.optim import SGD, KFCPre, info_to_host, make_optimizer
-from kfc_ref.optim.base import compact, state_from_numpy, state_to_numpy, subset_indices
+from kfc_ref.optim.base import compact, expand, state_from_numpy, state_to_numpy, subset_indices
 from kfc_ref.optim.kronecker import average_in, estimate_factors
 from kfc_ref.optim.state import SGDState
 from kfc_ref.validate import ArgumentError
@@ -154,6 +154,27 @@ def test_clipping_rescales_nu_to_exactly_C():
     assert not info_free["clipped"]
     np.testing.assert_allclose(info_free["nu"], info["nu"], rtol=CLIP_RTOL)
     np.testing.assert_allclose(v, v_free * math.sqrt(0.3 / info["nu"]), rtol=CLIP_RTOL)
+
+
+def test_clip_scope_step_bounds_the_momentum_sum():
+    """clip_scope="step" clips p = mu p + v (what moves theta) to nu(p) = C exactly, while
+    Algorithm 1's "update" clips only v, so its momentum sum exceeds C (the negative control)."""
+    net, params, x, y = tiny_problem(11)
+    nus = {}
+    for scope in ("update", "step"):
+        opt = KFCPre(lr=1.0, momentum=0.9, clip=0.05, clip_scope=scope, nu_fraction=1.0,
+                     weight_decay=1e-3, stats_period=NEVER, inverse_period=NEVER)
+        rng = np.random.default_rng(4)
+        state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
+        ps = params
+        for _ in range(3):
+            before, (ps, state, info) = ps, opt.step(state, net, ps, (x, y), rng)
+            assert info["clipped"]
+        p = state.velocity                    # nu(p) at the parameters the step started from
+        nus[scope] = float(fisher_quadratic(net, before, x, expand(net, p))
+                           + 1e-3 * sum(float(np.sum(pl * pl)) for pl in p))
+    np.testing.assert_allclose(nus["step"], 0.05, rtol=CLIP_RTOL)
+    assert nus["update"] > 2 * 0.05
 
 
 # --------------------------------------------------------------------------- (c)

@@ -35,9 +35,9 @@ from kfc_ref.curvature.damping import factored_inverses
 from kfc_ref.curvature.fvp import fisher_quadratic
 from kfc_ref.optim.kronecker import EMA_MAX_DECAY, KroneckerOptimizerMixin
 from kfc_ref.optim.base import (
-    DEFAULT_MOMENTUM, Optimizer, check_bool, check_fraction, check_int, check_momentum,
-    check_period, check_positive, compact, expand, inner, loss_and_decayed_gradient,
-    subset_indices, take,
+    DEFAULT_MOMENTUM, Optimizer, check_bool, check_choice, check_fraction, check_int,
+    check_momentum, check_period, check_positive, compact, expand, inner,
+    loss_and_decayed_gradient, subset_indices, take,
 )
 from kfc_ref.optim.state import KFCPreState
 
@@ -62,6 +62,9 @@ NU_FRACTION = 0.25
 CLIP_THRESHOLD = 0.3
 #: Damping gamma of Algorithm 1 ("10^-3, may need tuning").
 DAMPING = 1e-3
+#: What update clipping bounds: "update", Algorithm 1's new step v before the momentum sum (the
+#: paper), or "step", the momentum sum p = mu p + v that moves theta (see the module doc).
+CLIP_SCOPES = ("update", "step")
 #: Mini-batches whose estimates initialise the factors before the first step: our stand-in for
 #: Algorithm 1's "estimate the factors on the full dataset" (5 x 128 examples on mnist5k).
 FACTOR_INIT_BATCHES = 5
@@ -91,7 +94,8 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
                  inverse_period: int = INVERSE_PERIOD, stats_fraction: float = STATS_FRACTION,
                  nu_fraction: float = NU_FRACTION, use_pi: bool = True,
                  ema_max_decay: float = EMA_MAX_DECAY,
-                 factor_init_batches: int = FACTOR_INIT_BATCHES, **common):
+                 factor_init_batches: int = FACTOR_INIT_BATCHES, clip_scope: str = "update",
+                 **common):
         super().__init__(**common)
         self.lr = check_positive("lr", lr)
         self.momentum = check_momentum(momentum)
@@ -105,6 +109,7 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
         self.ema_max_decay = check_fraction("ema_max_decay", ema_max_decay)
         self.factor_init_batches = check_int("factor_init_batches", factor_init_batches,
                                              minimum=0)
+        self.clip_scope = check_choice("clip_scope", clip_scope, CLIP_SCOPES)
 
     def _init_extra(self, net, params):
         return {"velocity": [get_xp(w).zeros_like(w) for w in compact(net, params)]}
@@ -136,6 +141,8 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
         if inverses_updated:
             self._refresh_inverses(state)
         v = [-self.lr * d for d in self.preconditioned_gradient(state, g)]
+        if self.clip_scope == "step":             # clip what moves theta: p = mu p + v
+            v = [self.momentum * p + vl for p, vl in zip(state.velocity, v)]
         nu = clipped = None
         if self.clip is not None:
             # Clipping decided on the device: v <- v sqrt(C / max(nu, C)), i.e. v sqrt(C / nu)
@@ -145,7 +152,8 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
             scale = xp.sqrt(self.clip / xp.maximum(nu, self.clip))
             v = [scale * vl for vl in v]
             clipped = nu > self.clip
-        state.velocity = [self.momentum * p + vl for p, vl in zip(state.velocity, v)]
+        state.velocity = (v if self.clip_scope == "step" else
+                          [self.momentum * p + vl for p, vl in zip(state.velocity, v)])
         new_ws = [w + p for w, p in zip(compact(net, params), state.velocity)]
         info = {"loss": loss, "nu": nu, "clipped": clipped,
                 "pi": [inv.pi for inv in state.inverses],
