@@ -19,8 +19,8 @@ import math
 import numbers
 import operator
 
-__all__ = ["ArgumentError", "check_bool", "check_choice", "check_fraction", "check_int",
-           "check_number", "check_positive"]
+__all__ = ["ArgumentError", "check_bool", "check_choice", "check_fraction", "check_generator",
+           "check_int", "check_number", "check_positive"]
 
 
 class ArgumentError(ValueError):
@@ -109,3 +109,12 @@ def check_choice(name: str, value, choices) -> object:
             pass
     allowed = ", ".join(repr(c) for c in choices)
     raise ArgumentError(f"{name}={_describe(value)} is not allowed; expected one of {allowed}")
+
+
+def check_generator(name: str, value):
+    """A host ``numpy.random.Generator`` (the one source of randomness); returns it."""
+    import numpy as _np   # host-side type check only
+    if isinstance(value, _np.random.Generator):
+        return value
+    raise ArgumentError(f"{name}={_describe(value)} (type {type(value).__name__}) is not "
+                        "allowed; expected a numpy.random.Generator (np.random.default_rng)")

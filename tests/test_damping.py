@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from guarded_xp import asguarded, counting, guarded
 from kfc_ref.curvature.damping import (
-    eigen_factors, factored_inverse, natural_gradient, pi_trace, symmetrize,
+    NonFiniteCurvatureError, eigen_decompositions, eigen_factors, factored_inverse,
+    factored_inverses, natural_gradient, pi_trace, pi_trace_array, symmetrize,
 )
+from kfc_ref.curvature.factors import KroneckerFactors
+from kfc_ref.validate import ArgumentError
 
 #: Relative error of a damped solve vs a dense float64 solve.  The damped matrices drawn here
 #: have condition numbers <= ~1e4 (factor eigenvalues <= ~30, damping >= 1e-2), so float64
@@ -184,16 +188,16 @@ def test_eigen_factors_clip_negative_round_off():
 @pytest.mark.parametrize("damping", [0.0, -1e-3, float("nan")])
 def test_nonpositive_damping_is_rejected(damping):
     Omega, Gamma, G = np.eye(2), np.eye(3), np.ones((3, 2))
-    with pytest.raises(ValueError, match="damping=.* must be > 0"):
+    with pytest.raises(ArgumentError, match="damping=.* expected a finite number > 0"):
         factored_inverse(Omega, Gamma, damping)
-    with pytest.raises(ValueError, match="damping=.* must be > 0"):
+    with pytest.raises(ArgumentError, match="damping=.* expected a finite number > 0"):
         eigen_factors(Omega, Gamma).apply(G, damping)
 
 
 def test_negative_weight_decay_and_mismatched_lists_are_rejected():
-    with pytest.raises(ValueError, match="weight_decay=-0.1 must be >= 0"):
+    with pytest.raises(ArgumentError, match="weight_decay=-0.1 is not allowed"):
         factored_inverse(np.eye(2), np.eye(2), 1e-3, weight_decay=-0.1)
-    with pytest.raises(ValueError, match="2 gradients but 1 inverses"):
+    with pytest.raises(ArgumentError, match="2 gradients but 1 inverses"):
         natural_gradient([np.ones((2, 2))] * 2, [factored_inverse(np.eye(2), np.eye(2), 1.0)])
 
 
@@ -204,3 +208,64 @@ def test_natural_gradient_applies_eq_22_per_layer():
     grads = [rng.normal(size=(2, 3)), rng.normal(size=(4, 1))]
     for out, g, inv in zip(natural_gradient(grads, invs), grads, invs):
         np.testing.assert_allclose(out, inv.Gamma_inv @ g @ inv.Omega_inv)
+
+
+# --------------------------------------------------------------------------- failure semantics
+def _factors(to_device, bad=None):
+    """Three layers of well-conditioned factors; ``bad`` = (layer, "Omega"|"Gamma") gets a NaN."""
+    out = []
+    for l, (a, b) in enumerate([(3, 2), (4, 3), (2, 5)]):
+        Om, Ga = np.eye(a) * (l + 1.0), np.eye(b) * 2.0
+        if bad == (l, "Omega"):
+            Om[0, 1] = Om[1, 0] = np.nan
+        if bad == (l, "Gamma"):
+            Ga[b - 1, b - 1] = np.inf
+        out.append(KroneckerFactors(to_device(Om), to_device(Ga), 1))
+    return out
+
+
+@pytest.mark.parametrize("to_device", [np.asarray, asguarded], ids=["numpy", "guarded"])
+@pytest.mark.parametrize("bad", [(1, "Omega"), (2, "Gamma")])
+def test_non_finite_factors_raise_the_same_error_on_every_namespace(to_device, bad):
+    """NumPy's inv/eigh may raise LinAlgError or return NaN on NaN input; CuPy's return NaN
+    silently.  The finiteness checks before inversion and eigendecomposition raise one error
+    naming the layer and factor on both (the guarded namespace stands in for CuPy)."""
+    factors = _factors(to_device, bad)
+    name = f"layer {bad[0]} {bad[1]}"
+    with pytest.raises(NonFiniteCurvatureError, match=f"before inversion in: {name}\\. "):
+        factored_inverses(factors, 1e-3)
+    with pytest.raises(NonFiniteCurvatureError, match=f"before the eigendecomposition in: {name}"):
+        eigen_decompositions(factors)
+    f = factors[bad[0]]
+    with pytest.raises(NonFiniteCurvatureError, match="before inversion in: "):
+        factored_inverse(f.Omega, f.Gamma, 1e-3)
+    with pytest.raises(NonFiniteCurvatureError, match="before the eigendecomposition"):
+        eigen_factors(f.Omega, f.Gamma)
+    assert issubclass(NonFiniteCurvatureError, RuntimeError)     # the CLI's one-line errors
+    # Control: the same factors without the NaN pass.
+    assert len(factored_inverses(_factors(to_device), 1e-3)) == 3
+
+
+def test_silent_nan_from_eigh_is_caught_after_the_decomposition(monkeypatch):
+    """CuPy's eigh returns NaN instead of raising when it does not converge: simulated on the
+    guarded namespace, the check after the decomposition raises the same error."""
+    def nan_eigh(a):
+        w, Q = np.linalg.eigh(np.asarray(a.view(np.ndarray)))
+        return asguarded(w * np.nan), asguarded(Q)
+    monkeypatch.setattr(guarded.linalg, "eigh", nan_eigh, raising=False)
+    with pytest.raises(NonFiniteCurvatureError, match="after the eigendecomposition in: "
+                       "layer 0 eigh\\(Omega\\)"):
+        eigen_decompositions(_factors(asguarded))
+
+
+def test_finiteness_checks_cost_one_host_read_each():
+    factors = _factors(asguarded)
+    with counting() as c:
+        factored_inverses(factors, 1e-3)
+    assert c.syncs == 1
+    with counting() as c:
+        eigen_decompositions(factors)
+    assert c.syncs == 2
+    with counting() as c:
+        pi = pi_trace_array(factors[0].Omega, factors[0].Gamma)
+    assert c.syncs == 0 and float(pi) == pytest.approx(np.sqrt(1.0 / 2.0))

@@ -240,7 +240,7 @@ def test_bad_inputs_raise_clear_errors():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_samples"):
             monte_carlo_fisher(net, params, x, bad, rng)
-    with pytest.raises(TypeError, match="rng"):
+    with pytest.raises(ValueError, match="rng"):
         monte_carlo_fisher(net, params, x, 1, 42)
     with pytest.raises(ValueError, match="y holds labels"):
         per_example_gradients(net, params, x, np.array([0, 3]))

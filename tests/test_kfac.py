@@ -24,6 +24,7 @@ from kfc_ref.optim.kfac import (
 )
 from kfc_ref.nn.losses import softmax_cross_entropy
 from kfc_ref.optim.base import compact, expand, inner, loss_and_decayed_gradient
+from kfc_ref.validate import ArgumentError
 
 #: M at the solved (alpha, mu) vs the brute-force grid: both are the same quadratic evaluated
 #: through different code paths, equal up to rounding (~1e-15 relative); a grid point one step
@@ -129,12 +130,12 @@ def test_lambda_follows_rho_inside_kfac():
 
     moved = set()
     for _ in range(8):
-        lam_before = state["lambda"]
+        lam_before = state.lam
         new_params, state, info = opt.step(state, net, params, (x, y), rng)
         rho = (h(new_params) - h(params)) / info["model_change"]
         np.testing.assert_allclose(info["rho"], rho, rtol=1e-10)
-        assert state["lambda"] == levenberg_marquardt(lam_before, rho)
-        moved.add(np.sign(state["lambda"] - lam_before))
+        assert state.lam == levenberg_marquardt(lam_before, rho) == info["lambda"]
+        moved.add(np.sign(state.lam - lam_before))
         params = new_params
     assert -1.0 in moved            # the rule actually fired (lambda decreased) in this run
 
@@ -151,15 +152,15 @@ def test_greedy_gamma_keeps_the_smallest_model_value():
     new_params, state, info = opt.step(before, net, params, (x, y), np.random.default_rng(1))
     _, g, _ = loss_and_decayed_gradient(net, params, x, y, 0.0, np.random.default_rng(1))
     tape = net.forward(params, x)
-    jd0 = output_jvp(net, params, tape, expand(net, before["delta"]))
-    floor = math.sqrt(before["lambda"])
+    jd0 = output_jvp(net, params, tape, expand(net, before.delta))
+    floor = math.sqrt(before.lam)
     changes = {}
-    for gamma in (before["gamma"], OMEGA2 * before["gamma"], before["gamma"] / OMEGA2):
+    for gamma in (before.gamma, OMEGA2 * before.gamma, before.gamma / OMEGA2):
         gamma = max(gamma, floor)
         Delta = opt.natural_direction(state, g, gamma)
         jD = output_jvp(net, params, tape, expand(net, Delta))
-        changes[gamma] = quadratic_model_step(tape.output, g, [Delta, before["delta"]],
-                                              [jD, jd0], before["lambda"])[1]
+        changes[gamma] = quadratic_model_step(tape.output, g, [Delta, before.delta],
+                                              [jD, jd0], before.lam)[1]
     chosen = min(changes, key=changes.get)
     assert len(changes) == 3 and info["gamma"] == chosen
     np.testing.assert_allclose(info["model_change"], changes[chosen], rtol=1e-12)
@@ -176,7 +177,7 @@ def test_exact_damping_equals_dense_solve(convention):
     gamma = 0.3
     Delta = opt.natural_direction(state, g, gamma)
     d = gamma**2 if convention == "sqrt" else gamma
-    F_hat = block_diag(*[np.kron(f["Omega"], f["Gamma"]) for f in state["factors"]])
+    F_hat = block_diag(*[np.kron(f.Omega, f.Gamma) for f in state.factors])
     flat_g = np.concatenate([gl.T.ravel() for gl in g])
     want = -np.linalg.solve(F_hat + d * np.eye(F_hat.shape[0]), flat_g)
     got = np.concatenate([D.T.ravel() for D in Delta])
@@ -191,7 +192,7 @@ def test_eigendecomposition_refresh_schedule_and_initial_gamma():
     net, params, x, y = tiny_problem(6)
     opt = KFAC(inverse_period=4, gamma_period=4, weight_decay=1e-2)
     state, rng = opt.init_state(net, params), np.random.default_rng(0)
-    assert state["gamma"] == math.sqrt(150.0 + 1e-2) and state["lambda"] == 150.0
+    assert state.gamma == math.sqrt(150.0 + 1e-2) and state.lam == 150.0
     refreshed = []
     for _ in range(9):
         params, state, info = opt.step(state, net, params, (x, y), rng)
@@ -214,5 +215,5 @@ def test_kfac_reduces_digits_training_loss(digits):  # noqa: F811 (fixture)
     ({"curvature_fraction": 0.0}, r"curvature_fraction=0\.0"),
 ])
 def test_bad_kfac_hyperparameters_are_named(kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ArgumentError, match=match):
         KFAC(**kw)

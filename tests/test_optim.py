@@ -20,14 +20,18 @@ from sklearn.datasets import load_digits
 
 from guarded_xp import asguarded, guarded
 from kfc_ref.backend import get_xp, to_numpy
-from kfc_ref.curvature.damping import pi_trace
-from kfc_ref.curvature.factors import network_factors
+from kfc_ref.curvature.damping import NonFiniteCurvatureError, pi_trace
+from kfc_ref.curvature.factors import (
+    KroneckerFactors, moving_average, moving_average_decay, network_factors,
+)
 from kfc_ref.curvature.fvp import fisher_quadratic
-from kfc_ref.optim import SGD, KFCPre, make_optimizer
-from kfc_ref.optim.kronecker import average_factors, estimate_factors
 from kfc_ref.nn.losses import cross_entropy
 from kfc_ref.nn.models import small_convnet, tiny_convnet
-from kfc_ref.optim.base import compact, state_from_numpy, state_to_numpy, subset_indices
+from kfc_ref.optim import SGD, KFCPre, info_to_host, make_optimizer
+from kfc_ref.optim.base import compact, expand, state_from_numpy, state_to_numpy, subset_indices
+from kfc_ref.optim.kronecker import average_in, estimate_factors
+from kfc_ref.optim.state import SGDState
+from kfc_ref.validate import ArgumentError
 
 #: KFC-pre step vs the dense P x P solve (float64).  The damped block-diagonal matrices here
 #: have condition numbers below ~1e4, so both solves agree to ~1e-16 * 1e4 = 1e-12 relative
@@ -63,8 +67,8 @@ def dense_damped_fisher(state, damping, weight_decay, kron_order="Omega-Gamma"):
     """block_diag over layers of (Omega + pi r I) kron (Gamma + r/pi I), r = sqrt(lambda+gamma)."""
     blocks = []
     root = math.sqrt(weight_decay + damping)
-    for f in state["factors"]:
-        Om, Ga = f["Omega"], f["Gamma"]
+    for f in state.factors:
+        Om, Ga = f.Omega, f.Gamma
         pi = pi_trace(Om, Ga)
         Om_d = Om + pi * root * np.eye(Om.shape[0])
         Ga_d = Ga + root / pi * np.eye(Ga.shape[0])
@@ -105,10 +109,10 @@ def test_initial_factors_are_the_mean_of_batch_estimates():
     rng = np.random.default_rng(7)
     ests = [net.sampled_records(params, xb, rng) for xb in (x[:4], x[4:])]
     fa, fb = network_factors(ests[0]), network_factors(ests[1])
-    for f, a, b in zip(state["factors"], fa, fb):
-        np.testing.assert_allclose(f["Omega"], (a.Omega + b.Omega) / 2, rtol=1e-14)
-        np.testing.assert_allclose(f["Gamma"], (a.Gamma + b.Gamma) / 2, rtol=1e-14)
-    assert state["stats_count"] == 2 and state["inverses"] is not None
+    for f, a, b in zip(state.factors, fa, fb):
+        np.testing.assert_allclose(f.Omega, (a.Omega + b.Omega) / 2, rtol=1e-14)
+        np.testing.assert_allclose(f.Gamma, (a.Gamma + b.Gamma) / 2, rtol=1e-14)
+    assert state.stats_count == 2 and state.inverses is not None
 
 
 def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
@@ -119,15 +123,15 @@ def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
     assert len(idx) == 6 and len(set(idx.tolist())) == 6
     want = network_factors(net.sampled_records(params, x[idx], rng))
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(g["Omega"], w.Omega)
-        np.testing.assert_array_equal(g["Gamma"], w.Gamma)
-        assert g["Omega"][0, 0] == g["T"] == w.num_locations
+        np.testing.assert_array_equal(g.Omega, w.Omega)
+        np.testing.assert_array_equal(g.Gamma, w.Gamma)
+        assert g.Omega[0, 0] == g.num_locations == w.num_locations
     # fraction 1 reuses the gradient's tape: same statistics as a fresh forward pass.
     tape = net.forward(params, x)
     a = estimate_factors(net, params, x, np.random.default_rng(6), 1.0, tape=tape)
     b = estimate_factors(net, params, x, np.random.default_rng(6), 1.0)
     for fa, fb in zip(a, b):
-        np.testing.assert_array_equal(fa["Gamma"], fb["Gamma"])
+        np.testing.assert_array_equal(fa.Gamma, fb.Gamma)
 
 
 # --------------------------------------------------------------------------- (b)
@@ -150,6 +154,27 @@ def test_clipping_rescales_nu_to_exactly_C():
     assert not info_free["clipped"]
     np.testing.assert_allclose(info_free["nu"], info["nu"], rtol=CLIP_RTOL)
     np.testing.assert_allclose(v, v_free * math.sqrt(0.3 / info["nu"]), rtol=CLIP_RTOL)
+
+
+def test_clip_scope_step_bounds_the_momentum_sum():
+    """clip_scope="step" clips p = mu p + v (what moves theta) to nu(p) = C exactly, while
+    Algorithm 1's "update" clips only v, so its momentum sum exceeds C (the negative control)."""
+    net, params, x, y = tiny_problem(11)
+    nus = {}
+    for scope in ("update", "step"):
+        opt = KFCPre(lr=1.0, momentum=0.9, clip=0.05, clip_scope=scope, nu_fraction=1.0,
+                     weight_decay=1e-3, stats_period=NEVER, inverse_period=NEVER)
+        rng = np.random.default_rng(4)
+        state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
+        ps = params
+        for _ in range(3):
+            before, (ps, state, info) = ps, opt.step(state, net, ps, (x, y), rng)
+            assert info["clipped"]
+        p = state.velocity                    # nu(p) at the parameters the step started from
+        nus[scope] = float(fisher_quadratic(net, before, x, expand(net, p))
+                           + 1e-3 * sum(float(np.sum(pl * pl)) for pl in p))
+    np.testing.assert_allclose(nus["step"], 0.05, rtol=CLIP_RTOL)
+    assert nus["update"] > 2 * 0.05
 
 
 # --------------------------------------------------------------------------- (c)
@@ -200,12 +225,19 @@ def test_kfc_pre_momentum_and_averaging_two_steps_by_hand():
 
 # --------------------------------------------------------------------------- (d)
 def test_factor_moving_average_decay():
-    old = [{"Omega": np.full((2, 2), 1.0), "Gamma": np.full((1, 1), 1.0), "T": 4}]
-    new = [{"Omega": np.full((2, 2), 3.0), "Gamma": np.full((1, 1), 5.0), "T": 4}]
-    assert average_factors(old, new, 1) is new                      # eps = 0
-    np.testing.assert_allclose(average_factors(old, new, 2)[0]["Omega"], 2.0)   # eps = 1/2
-    np.testing.assert_allclose(average_factors(old, new, 4)[0]["Gamma"], 0.75 + 1.25)
-    np.testing.assert_allclose(average_factors(old, new, 1000)[0]["Gamma"], 0.95 + 0.25)
+    old = [KroneckerFactors(np.full((2, 2), 1.0), np.full((1, 1), 1.0), 4)]
+    new = [KroneckerFactors(np.full((2, 2), 3.0), np.full((1, 1), 5.0), 4)]
+    assert average_in(old, new, 1, 0.95)[0] is new[0]                      # eps = 0
+    assert average_in(None, new, 7, 0.95) is new
+    np.testing.assert_allclose(average_in(old, new, 2, 0.95)[0].Omega, 2.0)   # eps = 1/2
+    np.testing.assert_allclose(average_in(old, new, 4, 0.95)[0].Gamma, 0.75 + 1.25)
+    np.testing.assert_allclose(average_in(old, new, 1000, 0.95)[0].Gamma, 0.95 + 0.25)
+    # max_decay = 1: the running mean (the multi-batch initialisation).
+    assert moving_average_decay(1000, 1.0) == 1.0 - 1.0 / 1000
+    with pytest.raises(ArgumentError, match="decay=1.5"):
+        moving_average(old[0], new[0], 1.5)
+    with pytest.raises(ArgumentError, match="count=0"):
+        moving_average_decay(0, 0.95)
 
 
 def test_kfc_pre_refresh_schedule():
@@ -220,7 +252,7 @@ def test_kfc_pre_refresh_schedule():
     # k = 1 has no factors yet (taken from the batch); then k = 0 mod 2 and k = 0 mod 3.
     assert seen == [(True, True), (True, False), (False, True), (True, False), (False, False),
                     (True, True)]
-    assert state["stats_count"] == 4
+    assert state.stats_count == 4
 
 
 # --------------------------------------------------------------------------- (e)
@@ -279,6 +311,7 @@ def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
     np.savez(tmp_path / "state.npz", **state_to_numpy(state))
     with np.load(tmp_path / "state.npz", allow_pickle=False) as f:
         restored = state_from_numpy(dict(f))
+    assert type(restored) is type(state) is opt.state_type
     rng_state = rng.bit_generator.state
     out_a = opt.step(state, net, params, (x[3:11], y[3:11]), rng)
     rng2 = np.random.default_rng()
@@ -290,30 +323,64 @@ def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:
         np.testing.assert_array_equal(flat_a[key], flat_b[key])
-    assert out_a[2] == out_b[2]
+    assert info_to_host(out_a[2]) == info_to_host(out_b[2])
 
 
-@pytest.mark.parametrize("name", ["sgd", "kfc-pre", "kfac"])
-def test_hyperparameters_rebuild_the_optimizer(name):
-    opt = make_optimizer(name, **({} if name == "kfac" else {"lr": 0.2}), weight_decay=1e-4)
+@pytest.mark.parametrize("name,kw", [("sgd", {"lr": 0.05}), ("kfc-pre", {"lr": 0.01}),
+                                     ("kfac", {})])
+def test_hyperparameters_rebuild_the_optimizer(name, kw):
+    opt = make_optimizer(name, **kw, weight_decay=1e-4)
     hp = opt.hyperparameters()
     assert opt.name == name and hp["weight_decay"] == 1e-4
     assert make_optimizer(name, **hp).hyperparameters() == hp
     assert repr(opt).startswith(type(opt).__name__ + "(")
 
 
-def test_state_conversion_keeps_scalars_and_structure():
-    state = {"k": 3, "lambda": 0.1 + 0.2, "rho": None, "flag": True, "inf": math.inf,
-             "layers": [{"A": np.arange(3.0), "pi": 1 / 3}, {"A": np.eye(2)}]}
-    back = state_from_numpy(state_to_numpy(state))
-    assert back["k"] == 3 and isinstance(back["k"], int) and back["lambda"] == 0.1 + 0.2
-    assert back["rho"] is None and back["flag"] is True and back["inf"] == math.inf
-    assert back["layers"][0]["pi"] == 1 / 3
-    np.testing.assert_array_equal(back["layers"][1]["A"], np.eye(2))
-    with pytest.raises(TypeError, match="unsupported type"):
-        state_to_numpy({"bad": object()})
-    with pytest.raises(ValueError, match="__treedef__"):
+def test_state_schema_is_the_dataclass_fields():
+    """The checkpoint entries are the dataclass fields: host scalars as 0-d arrays restored as
+    the same Python numbers, per-layer lists as name/i, records as name/i/field, None fields
+    absent; nothing needs pickle; a state of one optimizer does not load as another's."""
+    net, params, x, y = tiny_problem(9)
+    opt = KFCPre(lr=0.01)
+    state = opt.initialize_factors(opt.init_state(net, params), net, params, [x],
+                                   np.random.default_rng(0))
+    arrays = state_to_numpy(state)
+    assert str(arrays["__state__"]) == "KFCPreState"
+    assert {"k", "stats_count", "theta_bar/0", "velocity/2", "factors/1/Omega",
+            "factors/1/num_locations", "inverses/0/Omega_inv", "inverses/2/pi"} <= set(arrays)
+    assert all(a.dtype != object for a in arrays.values())
+    back = state_from_numpy(arrays)
+    assert back.k == 0 and isinstance(back.k, int) and back.stats_count == 1
+    assert isinstance(back.factors[0], KroneckerFactors)
+    assert back.factors[0].num_locations == state.factors[0].num_locations
+    assert isinstance(back.factors[0].num_locations, int)
+    np.testing.assert_array_equal(back.inverses[2].pi, state.inverses[2].pi)
+    fresh = state_to_numpy(opt.init_state(net, params))            # factors, inverses = None
+    assert not any(k.startswith(("factors", "inverses")) for k in fresh)
+    assert state_from_numpy(fresh).factors is None
+    kfac = make_optimizer("kfac").init_state(net, params)
+    kfac.rho = 0.1 + 0.2
+    back = state_from_numpy(state_to_numpy(kfac))
+    assert back.rho == 0.1 + 0.2 and back.lam == 150.0 and isinstance(back.lam, float)
+    with pytest.raises(ValueError, match="KFCPreState, not a KFACState"):
+        type(kfac).from_arrays(arrays)
+    with pytest.raises(ValueError, match="no known optimizer state"):
         state_from_numpy({})
+    with pytest.raises(ValueError, match="has no entry 'velocity'"):
+        state_from_numpy({k: v for k, v in arrays.items() if not k.startswith("velocity")})
+    with pytest.raises(ArgumentError, match="needs a KFCPreState"):
+        opt.step(SGDState(k=0, theta_bar=state.theta_bar), net, params, (x, y),
+                 np.random.default_rng(0))
+
+
+def test_factor_init_batches():
+    """SGD needs none; KFC-pre takes Algorithm 1's initialisation (5 batches); K-FAC, as
+    published (App. B.2 / K-FAC App. D), starts from the first mini-batch."""
+    assert SGD(lr=0.1).factor_init_batches == 0
+    assert "factor_init_batches" not in SGD(lr=0.1).hyperparameters()
+    assert KFCPre(lr=0.1).factor_init_batches == 5
+    assert KFCPre(lr=0.1, factor_init_batches=0).factor_init_batches == 0
+    assert make_optimizer("kfac").factor_init_batches == 0
 
 
 def test_overhead_benchmark_runs_in_quick_mode():
@@ -344,7 +411,7 @@ def test_optimizers_stay_in_a_second_array_namespace(name, kw):
             ps, state, info = opt.step(state, net, ps, batch, rng)
         runs[to_device] = (ps, state, info)
     ps, state, info = runs[asguarded]
-    assert all(get_xp(w) is guarded for w in compact(net, ps) + state["theta_bar"])
+    assert all(get_xp(w) is guarded for w in compact(net, ps) + state.theta_bar)
     np.testing.assert_allclose(to_numpy(net.flatten(ps)),
                                net.flatten(runs[np.asarray][0]), rtol=1e-9)
     assert info.keys() == runs[np.asarray][2].keys()
@@ -362,15 +429,47 @@ def test_optimizers_stay_in_a_second_array_namespace(name, kw):
     (lambda: make_optimizer("adam", lr=0.1), r"optimizer='adam'"),
 ])
 def test_bad_hyperparameters_are_named(make, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ArgumentError, match=match):
         make()
+
+
+def test_numpy_scalar_hyperparameters_are_accepted():
+    opt = KFCPre(lr=np.float32(0.01), momentum=np.float64(0.5), stats_period=np.int64(3))
+    assert opt.lr == pytest.approx(0.01) and type(opt.lr) is float
+    assert opt.stats_period == 3 and type(opt.stats_period) is int
+    assert make_optimizer("kfac", omega1=np.float32(0.5)).omega1 == 0.5
+    with pytest.raises(ArgumentError, match="use_momentum=1"):
+        make_optimizer("kfac", use_momentum=1)
 
 
 def test_bad_batch_and_rng():
     net, params, x, y = tiny_problem(6)
     opt = SGD(lr=0.1)
     state = opt.init_state(net, params)
-    with pytest.raises(ValueError, match="labels must have shape"):
+    with pytest.raises(ArgumentError, match="labels must have shape"):
         opt.step(state, net, params, (x, y[:3]), np.random.default_rng(0))
-    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+    with pytest.raises(ArgumentError, match="inputs must have shape"):
+        opt.step(state, net, params, (x[:, :, :3], y), np.random.default_rng(0))
+    with pytest.raises(ArgumentError, match="rng=0 .*numpy.random.Generator"):
         opt.step(state, net, params, (x, y), 0)
+
+
+@pytest.mark.parametrize("name,kw", [("kfc-pre", {"lr": 0.01, "stats_period": NEVER,
+                                                  "inverse_period": 2}),
+                                     ("kfac", {"stats_period": NEVER, "inverse_period": 2})])
+@pytest.mark.parametrize("to_device", [np.asarray, asguarded], ids=["numpy", "guarded"])
+def test_nan_factor_stops_the_step_with_the_same_error(name, kw, to_device):
+    """A NaN in a factor (a diverged run) raises NonFiniteCurvatureError at the next inverse
+    refresh on NumPy and on the guarded (CuPy-like) namespace alike, instead of NaN steps."""
+    net, params, x, y = tiny_problem(10)
+    ps = [None if p is None else to_device(p) for p in params]
+    opt = make_optimizer(name, **kw)
+    rng = np.random.default_rng(0)
+    state = opt.initialize_factors(opt.init_state(net, ps), net, ps, [to_device(x)], rng)
+    ps, state, _ = opt.step(state, net, ps, (to_device(x), to_device(y)), rng)   # k = 1
+    bad = state.factors[1].Gamma.copy()
+    bad[0, 0] = np.nan
+    state.factors[1] = KroneckerFactors(state.factors[1].Omega, bad,
+                                        state.factors[1].num_locations)
+    with pytest.raises(NonFiniteCurvatureError, match="layer 1 Gamma"):
+        opt.step(state, net, ps, (to_device(x), to_device(y)), rng)            # k = 2: refresh

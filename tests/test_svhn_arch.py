@@ -75,8 +75,8 @@ def test_train_end_to_end_on_synthetic_mat_then_sud(tmp_path, capsys):
     write_synthetic_svhn(str(data_dir))
     out = str(tmp_path / "run")
     assert cli(["train", "--data", "svhn", "--data-dir", str(data_dir), "--arch", "svhn",
-                "--iters", "2", "--batch-size", "8", "--eval-every", "1", "--out", out,
-                "--quiet"]) == 0
+                "--iters", "2", "--batch-size", "8", "--lr", "0.001", "--eval-every", "1",
+                "--out", out, "--quiet"]) == 0
     with open(os.path.join(out, "metrics.csv")) as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["iteration"]) for r in rows] == [1, 2]

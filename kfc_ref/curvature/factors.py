@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kfc_ref.backend import get_xp
+from kfc_ref.validate import check_int, check_number
 
 
 @dataclass
@@ -71,12 +72,27 @@ def kron_block(factors: KroneckerFactors):
     return xp.kron(factors.Omega, factors.Gamma)
 
 
+def moving_average_decay(count: int, max_decay: float) -> float:
+    """eps = min(1 - 1/count, max_decay) for the ``count``-th estimate (K-FAC App. D).
+
+    count = 1 gives 0 (the average is the estimate); with ``max_decay`` = 1 the average is the
+    equally weighted mean of all ``count`` estimates so far.
+    """
+    count = check_int("count", count, minimum=1)
+    max_decay = check_number("max_decay", max_decay, minimum=0.0, maximum=1.0)
+    return min(1.0 - 1.0 / count, max_decay)
+
+
 def moving_average(old: KroneckerFactors | None, new: KroneckerFactors,
                    decay: float) -> KroneckerFactors:
-    """Exponential moving average: decay * old + (1 - decay) * new (K-FAC App. D)."""
-    if old is None:
+    """Exponential moving average: decay * old + (1 - decay) * new (K-FAC App. D).
+
+    The one moving average of the factors: KFC-pre and K-FAC refresh their factors with it
+    (decay from :func:`moving_average_decay`), and their multi-batch initialisation is the same
+    recursion with decay 1 - 1/count, i.e. the running mean.  ``old`` None -> ``new``.
+    """
+    decay = check_number("decay", decay, minimum=0.0, maximum=1.0)
+    if old is None or decay == 0.0:
         return new
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay={decay!r} must lie in [0, 1]")
     return KroneckerFactors(decay * old.Omega + (1 - decay) * new.Omega,
                             decay * old.Gamma + (1 - decay) * new.Gamma, new.num_locations)

@@ -18,14 +18,11 @@ Everything here is a dense P x P matrix: meant for P up to a few thousand.
 """
 from __future__ import annotations
 
-import numbers
-
-import numpy as _host_np  # only to recognise a host Generator in argument checks
-
 from kfc_ref.backend import get_xp
 from kfc_ref.curvature.factors import KroneckerFactors, gamma_from_derivatives, omega_from_patches
 from kfc_ref.nn.losses import (check_labels, log_softmax, sample_targets, softmax,
                                softmax_cross_entropy)
+from kfc_ref.validate import ArgumentError, check_choice, check_generator, check_int
 
 
 # --------------------------------------------------------------------------- per-example gradients
@@ -90,11 +87,8 @@ def monte_carlo_fisher(net, params, x, num_samples: int, rng):
 
     ``rng`` is a numpy Generator (the draws happen on the host, see ``losses.sample_targets``).
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) \
-            or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be a positive integer")
-    if not isinstance(rng, _host_np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    num_samples = check_int("num_samples", num_samples, minimum=1)
+    check_generator("rng", rng)
     tape = net.forward(params, x)
     xp = get_xp(tape.output)
     F = None
@@ -119,7 +113,7 @@ def fisher_blocks(F, net) -> list:
     """The per-layer diagonal blocks F[s_l, s_l] (block-diagonal approximation, Section 2.2),
     one per parametric layer in flat order, using ``net.param_slices()``."""
     if getattr(F, "shape", None) != (net.num_params, net.num_params):
-        raise ValueError(f"F must have shape (P, P) = ({net.num_params}, {net.num_params}), "
+        raise ArgumentError(f"F must have shape (P, P) = ({net.num_params}, {net.num_params}), "
                          f"got {getattr(F, 'shape', None)}")
     return [F[s, s] for s in net.param_slices()]
 
@@ -158,9 +152,7 @@ def expected_gamma(p, DS_per_class):
 def exact_layer_factors(net, params, x, layer_index: int) -> KroneckerFactors:
     """KFC factors of one parametric layer (index into ``net.layers``) on the batch x, with Gamma
     from the exact expectation over y (``expected_gamma``) instead of one sampled target."""
-    if layer_index not in net.param_layers:
-        raise ValueError(f"layer_index={layer_index!r} is not a parametric layer; allowed are "
-                         f"{net.param_layers}")
+    check_choice("layer_index", layer_index, net.param_layers)
     xp = get_xp(x)
     p, per_class = class_records(net, params, x)
     k = net.param_layers.index(layer_index)
@@ -177,7 +169,7 @@ def kl_divergence(logits_p, logits_q):
     Near theta, KL(p_theta || p_{theta + eps v}) = 0.5 eps^2 v^T F v + O(eps^3) (Section 2.1).
     """
     if getattr(logits_p, "shape", None) != getattr(logits_q, "shape", None):
-        raise ValueError("logits_p and logits_q must have the same shape (N, C); got "
+        raise ArgumentError("logits_p and logits_q must have the same shape (N, C); got "
                          f"{getattr(logits_p, 'shape', None)} and "
                          f"{getattr(logits_q, 'shape', None)}")
     xp = get_xp(logits_p, logits_q)

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 from kfc_ref.backend import get_xp
 from kfc_ref.nn.losses import softmax
+from kfc_ref.validate import ArgumentError
 
 
 def _check_direction(net, direction, name: str):
     if len(direction) != len(net.layers):
-        raise ValueError(f"{name} has {len(direction)} entries; the network has "
+        raise ArgumentError(f"{name} has {len(direction)} entries; the network has "
                          f"{len(net.layers)} layers (use None for layers without parameters)")
     for i in net.param_layers:
         d = direction[i]
         if d is not None and tuple(d.shape) != tuple(net.layers[i].param_shape):
-            raise ValueError(f"{name}[{i}] has shape {tuple(d.shape)}; layer {i} has W_bar of "
+            raise ArgumentError(f"{name}[{i}] has shape {tuple(d.shape)}; layer {i} has W_bar of "
                              f"shape {net.layers[i].param_shape}")
 
 
@@ -74,14 +75,16 @@ def fisher_gram(net, params, x, directions, *, tape=None):
     (no dropout), so F is the Fisher of the deterministic network.
     """
     if not directions:
-        raise ValueError("directions must hold at least one parameter direction")
+        raise ArgumentError("directions must hold at least one parameter direction")
     tape = net.forward(params, x) if tape is None else tape
     jvps = [output_jvp(net, params, tape, d) for d in directions]
     return fisher_gram_from_jvps(tape.output, jvps)
 
 
-def fisher_quadratic(net, params, x, u_list, v_list=None, *, tape=None) -> float:
-    """u^T F v (or u^T F u when ``v_list`` is None) for the exact mini-batch Fisher, a float.
+def fisher_quadratic(net, params, x, u_list, v_list=None, *, tape=None):
+    """u^T F v (or u^T F u when ``v_list`` is None) for the exact mini-batch Fisher, as a 0-d
+    array on the device of the parameters (``float()`` it to read it on the host: that is a
+    device-to-host sync, which the optimizers avoid until a log point).
 
     u_list, v_list: parameter directions aligned with ``params``; x: (N, ...) inputs.
     Costs one forward pass (unless ``tape`` is given) and one or two forward-mode passes.
@@ -93,4 +96,4 @@ def fisher_quadratic(net, params, x, u_list, v_list=None, *, tape=None) -> float
     p = softmax(tape.output)
     cu = ju - xp.sum(p * ju, axis=1, keepdims=True)
     cv = jv - xp.sum(p * jv, axis=1, keepdims=True)
-    return float(xp.sum(p * cu * cv)) / tape.output.shape[0]
+    return xp.sum(p * cu * cv) / tape.output.shape[0]

@@ -48,8 +48,9 @@ CONFIG_NAME = "config.json"
 RECORD_FORMAT = "kfc_ref run 1"
 DEFAULT_ARCH = {"mnist5k": "small", "digits": "small", "cifar10": "cifar10", "svhn": "small"}
 #: Learning rates from our sweeps on mnist5k at batch 128 (``python -m kfc_ref sweep``): SGD is
-#: best at 0.03 (0.1 stalls); KFC-pre at 0.003 (0.01 and 0.03 blow up after ~100 iterations
-#: even with update clipping, since clipping bounds each new step but not the momentum sum).
+#: best at 0.03 (0.1 stalls); KFC-pre at 0.003: at 0.01 and 0.03 Algorithm 1 as printed blows
+#: up after ~80-160 iterations, because it clips each new step v but not the momentum sum p
+#: (measured in ``kfc_ref.optim.kfc_pre``; ``clip_scope="step"`` removes the blow-up).
 DEFAULT_LR = {"sgd": 0.03, "kfc-pre": 0.003}
 #: Default evaluation subset: the first EVAL_EXAMPLES examples of each split (a fixed,
 #: seed-independent prefix of the seeded split); 0 evaluates the full sets.

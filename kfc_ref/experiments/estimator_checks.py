@@ -21,6 +21,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as _host_np  # host-side random cases and float64 statistics
@@ -178,7 +180,7 @@ def omega_error(net, params, x, rng, mutate=None) -> float:
              for r in net.records(tape, {})]
     err = 0.0
     for f, ref in zip(estimate_factors(net, params, x, rng), exact):
-        om = _host((mutate or (lambda e: e))(f)["Omega"])
+        om = _host((mutate or (lambda e: e))(f).Omega)
         err = max(err, float(_host_np.linalg.norm(om - ref) / _host_np.linalg.norm(ref)))
     return err
 
@@ -193,7 +195,7 @@ def gamma_z(net, params, x, rng, draws: int = GAMMA_DRAWS, mutate=None) -> float
     n = p.shape[0]
     sums = None
     for _ in range(draws):
-        est = [_host((mutate or (lambda e: e))(f)["Gamma"])
+        est = [_host((mutate or (lambda e: e))(f).Gamma)
                for f in estimate_factors(net, params, x, rng)]
         sums = est if sums is None else [s + e for s, e in zip(sums, est)]
     worst = 0.0
@@ -211,11 +213,11 @@ def gamma_z(net, params, x, rng, draws: int = GAMMA_DRAWS, mutate=None) -> float
 
 
 def _gamma_times_t(f):
-    return {**f, "Gamma": f["Gamma"] * f["T"]}
+    return dataclasses.replace(f, Gamma=f.Gamma * f.num_locations)
 
 
 def _omega_over_t(f):
-    return {**f, "Omega": f["Omega"] / f["T"]}
+    return dataclasses.replace(f, Omega=f.Omega / f.num_locations)
 
 
 def _estimator_check(name, statistic, tol, mutate=None, expect="below", detail=""):

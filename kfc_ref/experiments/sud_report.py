@@ -98,7 +98,7 @@ def load_run(run_dir: str, device: str = "cpu", params: str = "averaged", data_d
     if params == "averaged":
         state = state_from_numpy({k[6:]: v for k, v in arrays.items()
                                   if k.startswith("state/")}, device)
-        values = expand(net, state["theta_bar"])
+        values = expand(net, state.theta_bar)
     else:
         values = net.unflatten(xp.asarray(arrays["theta"]))
     return net, values, dataset, cfg

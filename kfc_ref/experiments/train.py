@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kfc_ref.curvature.damping import NonFiniteCurvatureError
 from kfc_ref.backend import namespace_for, to_numpy
 from kfc_ref.data import DeviceBatches, MinibatchStream, load_dataset, preprocess
 from kfc_ref.experiments.checkpoint import (CHECKPOINT_NAME, CheckpointError, FileWriteError,
@@ -61,8 +62,6 @@ from kfc_ref.validate import ArgumentError
 #: exploding: far beyond any loss a working run reaches, well before float overflow.
 EXPLODE_FACTOR = 20.0
 EXPLODE_ABSOLUTE = 1e4
-#: Mini-batches averaged to initialise the Kronecker factors (Algorithm 1, first lines).
-FACTOR_INIT_BATCHES = 5
 
 
 class TrainingStopped(RuntimeError):
@@ -161,16 +160,17 @@ def set_up(cfg: TrainConfig) -> Setup:
 
 def fresh_state(setup: Setup) -> RunState:
     """Initial parameters and optimizer state; the Kronecker-factored optimizers average their
-    first factors over FACTOR_INIT_BATCHES mini-batches of a separate stream (Algorithm 1)."""
+    first factors over ``opt.factor_init_batches`` mini-batches of a separate stream (Algorithm 1;
+    KFC-pre 5, K-FAC and SGD none)."""
     cfg, net, opt = setup.cfg, setup.net, setup.opt
     params = net.init(cfg.seed, cfg.dtype, cfg.device)
     state = opt.init_state(net, params)
     rng = np.random.default_rng([cfg.seed, 1])
-    if cfg.optimizer != "sgd":
+    if opt.factor_init_batches:
         init_stream = MinibatchStream(setup.data.x_train, setup.data.y_train, cfg.batch_size,
                                       seed=cfg.seed + 10_000)
         batches = [setup.batches.gather(init_stream.next_indices())[0] for _ in
-                   range(min(FACTOR_INIT_BATCHES, init_stream.steps_per_epoch))]
+                   range(min(opt.factor_init_batches, init_stream.steps_per_epoch))]
         state = opt.initialize_factors(state, net, params, batches, rng)
     return RunState(params, state, rng)
 
@@ -249,7 +249,7 @@ def _check_loss(run: RunState, path: str) -> None:
     if loss is None:
         return
     run.first_loss = loss if run.first_loss is None else run.first_loss
-    if not math.isfinite(loss) or loss > max(EXPLODE_FACTOR * run.first_loss, EXPLODE_ABSOLUTE):
+    if not math.isfinite(loss) or loss > min(EXPLODE_FACTOR * run.first_loss, EXPLODE_ABSOLUTE):
         last = run.rows[-1]["iteration"] if run.rows else "none yet"
         raise TrainingStopped(
             f"loss {loss!r} at iteration {run.k} is NaN/inf or exploding (first loss "
@@ -264,11 +264,16 @@ def _step(setup: Setup, run: RunState) -> None:
         xb, yb = setup.batches.gather(setup.stream.next_indices())
         t0 = time.perf_counter()
         params, state, info = setup.opt.step(run.state, setup.net, run.params, (xb, yb), run.rng)
-    except BaseException:
+    except BaseException as exc:
         setup.stream.load_state_dict(before[0])
         run.rng.bit_generator.state = before[1]
+        if isinstance(exc, NonFiniteCurvatureError):      # diverged statistics: a divergence
+            raise TrainingStopped(f"{exc} at iteration {run.k + 1}; stopped. The last good "
+                                  "checkpoint is kept; try a smaller --lr") from None
         raise
     run.params, run.state, run.info, run.k = params, state, info, run.k + 1
+    if run.first_loss is None:        # the reference for 'exploding': one host read, once a run
+        run.first_loss = log_value(info.get("loss"))
     run.elapsed += time.perf_counter() - t0
 
 

@@ -1,4 +1,4 @@
-"""The optimizer interface with explicit state, parameter averaging and state serialisation.
+"""The optimizer interface with explicit state, parameter averaging and the shared pieces.
 
 Every optimizer (``sgd.SGD``, ``kfc_pre.KFCPre`` for App. B.1, ``kfac.KFAC`` for
 App. B.2) is a set of hyperparameters plus two pure-ish functions::
@@ -7,16 +7,21 @@ App. B.2) is a set of hyperparameters plus two pure-ish functions::
     params, state, info = opt.step(state, net, params, (x, y), rng)
 
 * ``params`` is the list aligned with ``net.layers`` (W_bar matrices, None for parameter-free
-  layers); ``step`` returns new arrays and never modifies its inputs.
-* ``state`` is a plain structure -- dicts, lists, arrays, Python numbers, None -- so a
-  checkpoint stores it exactly with :func:`state_to_numpy` and restores it with
-  :func:`state_from_numpy`; a restored state gives the identical next step.  Per-layer lists in
-  the state are *compact*: one entry per parametric layer, in flat-vector order.
+  layers); ``step`` returns new arrays and a new state, and never modifies its inputs.
+* ``state`` is the optimizer's dataclass (:mod:`kfc_ref.optim.state`: ``SGDState``,
+  ``KFCPreState``, ``KFACState``); ``state.to_arrays()`` / :func:`state_from_numpy` store and
+  restore it exactly (``np.load(..., allow_pickle=False)``), and a restored state gives the
+  identical next step.
 * ``rng`` (a numpy Generator) is the only source of randomness (dropout masks, targets sampled
   from the model, random subsets of the mini-batch).  The caller keeps it, and checkpoints its
   ``bit_generator.state`` next to the optimizer state.
-* ``info`` is a dict of host scalars for the metrics log; every optimizer reports ``loss``
-  (the mean cross-entropy of the mini-batch at the parameters before the step).
+* ``info`` is a dict for the metrics log.  Values computed on the device (``loss``, the mean
+  cross-entropy of the mini-batch at the parameters before the step; KFC-pre's ``nu``...) stay
+  0-d device arrays, so a step need not wait for the device: whoever logs converts them, at log
+  points only, with :func:`info_to_host`.  Host decisions (refresh flags, K-FAC's lambda and
+  gamma) are Python values.
+* ``factor_init_batches``: how many mini-batches the caller should pass to
+  :meth:`Optimizer.initialize_factors` before the first step (0: none are needed, build none).
 
 Weight decay ``weight_decay`` (the paper's lambda, B.2's r) is the l2 term (lambda/2)||theta||^2
 of the objective h, applied to every entry of W_bar (biases included: the paper does not say,
@@ -29,15 +34,17 @@ iterations instead (0 turns averaging off: theta_bar = theta).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 
-import numpy as _host_np  # host-side state conversion only
+import numpy as _host_np  # host-side subset indices and info conversion only
 
-from kfc_ref.backend import get_xp, to_device, to_numpy
-from kfc_ref.nn.losses import check_labels
+from kfc_ref.backend import get_xp, to_numpy
+from kfc_ref.nn.losses import check_labels, softmax_cross_entropy
+from kfc_ref.optim.state import OptimizerState, state_from_numpy, state_to_numpy  # noqa: F401
 from kfc_ref.validate import (  # noqa: F401  (re-exported for the optimizers)
-    check_fraction, check_int, check_number, check_positive,
+    ArgumentError, check_bool, check_choice, check_fraction, check_generator, check_int,
+    check_number, check_positive,
 )
 
 #: Parameter-averaging timescale of the paper, in training examples (Section 5.2).
@@ -70,12 +77,35 @@ def expand(net, compact_list) -> list:
     return out
 
 
-def inner(us, vs) -> float:
-    """sum_l <u_l, v_l> over two compact lists (a host float)."""
-    total = 0.0
-    for u, v in zip(us, vs):
-        total += float(get_xp(u, v).sum(u * v))
+def inner(us, vs):
+    """sum_l <u_l, v_l> over two compact lists, as a 0-d array on their device (no host read)."""
+    xp = get_xp(*us, *vs)
+    return xp.sum(xp.stack([xp.sum(u * v) for u, v in zip(us, vs)]))
+
+
+def inner_products(vectors: list):
+    """The R x R matrix of all sum_l <a_l, b_l> between R compact lists ``vectors``, as one
+    device array: per layer one stacked (R, size) matrix and one product, summed over layers,
+    instead of R^2 separate reductions (and no host read)."""
+    xp = get_xp(*[w for v in vectors for w in v])
+    total = None
+    for layer in zip(*vectors):
+        S = xp.stack([w.reshape(-1) for w in layer])
+        G = S @ xp.transpose(S)
+        total = G if total is None else total + G
     return total
+
+
+def info_to_host(info: dict) -> dict:
+    """``info`` with every device array (0-d, or in a list) read back as Python numbers, for
+    logging.  One device-to-host read per array: call it at log points only."""
+    def host(v):
+        if isinstance(v, (list, tuple)):
+            return [host(u) for u in v]
+        if hasattr(v, "shape") and hasattr(v, "dtype"):
+            return to_numpy(v).item() if v.shape == () else to_numpy(v).tolist()
+        return v
+    return {k: host(v) for k, v in info.items()}
 
 
 def subset_indices(n: int, fraction: float, rng):
@@ -94,36 +124,50 @@ def take(x, indices):
 
 
 def check_batch(net, batch):
-    """A pair (x, y): inputs (N, ...) with N >= 1 and integer labels (N,) (the range is
-    checked by the loss, ``nn.losses.check_labels``)."""
+    """(x, y) from ``batch`` after host-side checks: inputs (N, ...) with N >= 1 and integer
+    labels (N,) (their range is checked on host arrays by ``nn.losses.check_labels``; no device
+    read: finiteness of the data is checked once on the host data, not per step)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError("batch must be a pair (x, y) of inputs (N, ...) and labels (N,)")
+        raise ArgumentError("batch must be a pair (x, y) of inputs (N, ...) and labels (N,)")
     x, y = batch
-    check_labels(y, getattr(x, "shape", (0,))[0], name="batch labels")
+    if tuple(getattr(x, "shape", ())[1:]) != tuple(net.input_shape):
+        raise ArgumentError(f"batch inputs must have shape (N, "
+                            f"{', '.join(map(str, net.input_shape))}), got "
+                            f"{getattr(x, 'shape', None)}")
+    check_labels(y, x.shape[0], name="batch labels")     # also refuses N = 0
     return x, y
 
 
 def loss_and_decayed_gradient(net, params, x, y, weight_decay: float, rng):
-    """Mean cross-entropy, compact gradient of h = loss + (lambda/2)||theta||^2, and the tape.
+    """Mean cross-entropy (a 0-d device array), compact gradient of
+    h = loss + (lambda/2)||theta||^2, and the tape.
 
-    The forward pass runs in training mode (dropout masks from ``rng``).
+    The forward pass runs in training mode (dropout masks from ``rng``) and skips the network's
+    per-call finiteness check of x, a host read (``check_batch`` checked the shapes).
     """
-    loss, grads, tape = net.loss_and_grads(params, x, y, train=True, rng=rng)
+    tape = net.forward(params, x, train=True, rng=rng, check=False)
+    loss, dlogits = softmax_cross_entropy(tape.output, y)
+    grads, _ = net.backward(params, tape, dlogits)
     g = [grads[i] + weight_decay * params[i] if weight_decay else grads[i]
          for i in net.param_layers]
-    return float(loss), g, tape
+    return loss, g, tape
 
 
 # --------------------------------------------------------------------------- the interface
 class Optimizer:
-    """Base class: hyperparameters, parameter averaging and the state layout they share.
+    """Base class: hyperparameters, parameter averaging and the state they share.
 
-    Subclasses implement ``_init_extra(net, params) -> dict`` and
-    ``_update(state, net, params, x, y, rng) -> (new compact params, new state, info)``; the
-    base class advances the iteration counter ``k`` and the average ``theta_bar``.
+    Subclasses set ``state_type`` (their dataclass) and implement
+    ``_init_extra(net, params) -> dict`` (the extra fields of a fresh state) and
+    ``_update(state, net, params, x, y, rng) -> (new compact params, state, info)``, where
+    ``state`` is already a copy they may assign fields of; the base class advances the
+    iteration counter ``k`` and the average ``theta_bar``.
     """
 
     name = "base"
+    state_type = OptimizerState
+    #: Mini-batches for :meth:`initialize_factors` before the first step (0: none).
+    factor_init_batches = 0
 
     def __init__(self, *, weight_decay: float = 0.0, averaging_tau: float | None = None,
                  averaging_examples: float = AVERAGING_EXAMPLES):
@@ -143,35 +187,38 @@ class Optimizer:
                else self.averaging_examples / batch_size)
         return 0.0 if tau == 0 else math.exp(-1.0 / tau)
 
-    def init_state(self, net, params) -> dict:
+    def init_state(self, net, params):
         """k = 0, theta_bar = theta^(0), plus the optimizer's own fields."""
         ws = compact(net, params)
-        state = {"k": 0, "theta_bar": [get_xp(w).array(w, copy=True) for w in ws]}
-        state.update(self._init_extra(net, params))
-        return state
+        return self.state_type(k=0, theta_bar=[get_xp(w).array(w, copy=True) for w in ws],
+                               **self._init_extra(net, params))
+
+    def _check_state(self, state):
+        if not isinstance(state, self.state_type):
+            raise ArgumentError(f"state is a {type(state).__name__}; {type(self).__name__} "
+                                f"needs a {self.state_type.__name__} (from init_state or "
+                                "state_from_numpy)")
 
     def step(self, state, net, params, batch, rng):
-        """One iteration on ``batch = (x, y)``; returns (params, state, info)."""
+        """One iteration on ``batch = (x, y)``; returns (params, new state, info)."""
         x, y = check_batch(net, batch)
-        if not isinstance(rng, _host_np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        state = dict(state)
-        state["k"] = int(state["k"]) + 1
+        check_generator("rng", rng)
+        self._check_state(state)
+        state = dataclasses.replace(state, k=state.k + 1)
         new_ws, state, info = self._update(state, net, params, x, y, rng)
         xi = self.averaging_decay(x.shape[0])
-        state["theta_bar"] = [xi * tb + (1.0 - xi) * w
-                              for tb, w in zip(state["theta_bar"], new_ws)]
-        info = {"k": state["k"], **info}
+        state.theta_bar = [xi * tb + (1.0 - xi) * w for tb, w in zip(state.theta_bar, new_ws)]
+        info = {"k": state.k, **info}
         return expand(net, new_ws), state, info
 
-    def initialize_factors(self, state, net, params, batches, rng) -> dict:
+    def initialize_factors(self, state, net, params, batches, rng):
         """Curvature initialisation before the first step (Algorithm 1); SGD has none and
         returns ``state`` unchanged.  Overridden by the Kronecker-factored optimizers."""
         return state
 
     def averaged_params(self, net, state) -> list:
         """theta_bar as a params list (what the paper evaluates, App. B.1)."""
-        return expand(net, state["theta_bar"])
+        return expand(net, state.theta_bar)
 
     def _init_extra(self, net, params) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -182,60 +229,3 @@ class Optimizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
-
-
-# --------------------------------------------------------------------------- checkpoints
-_ARRAY_KEY = "__array__"
-TREEDEF_KEY = "__treedef__"
-
-
-def state_to_numpy(state) -> dict:
-    """A flat ``{name: numpy array}`` dict holding ``state`` exactly (``np.savez``-able).
-
-    Arrays (NumPy or CuPy) become host arrays under path-like names ("factors/0/Omega");
-    the structure and every Python scalar go, as JSON, into the string array ``__treedef__``
-    (JSON floats round-trip exactly).  Allowed leaves: arrays, int, float, bool, str, None.
-    """
-    arrays: dict = {}
-
-    def encode(node, path):
-        if isinstance(node, dict):
-            for key in node:
-                if not isinstance(key, str) or "/" in key:
-                    raise ValueError(f"state key {key!r} at {path or '/'} must be a str "
-                                     "without '/'")
-            return {"dict": {k: encode(v, f"{path}/{k}") for k, v in node.items()}}
-        if isinstance(node, (list, tuple)):
-            return {"list": [encode(v, f"{path}/{i}") for i, v in enumerate(node)]}
-        if node is None or isinstance(node, (bool, int, float, str)):
-            return {"value": node}
-        if hasattr(node, "shape") and hasattr(node, "dtype"):
-            arrays[path.lstrip("/")] = to_numpy(node)
-            return {_ARRAY_KEY: path.lstrip("/")}
-        raise TypeError(f"state entry at {path} has unsupported type {type(node).__name__}")
-
-    treedef = encode(state, "")
-    if TREEDEF_KEY in arrays:
-        raise ValueError(f"state may not contain the key {TREEDEF_KEY!r}")
-    arrays[TREEDEF_KEY] = _host_np.array(json.dumps(treedef))
-    return arrays
-
-
-def state_from_numpy(arrays, device: str = "cpu") -> dict:
-    """Inverse of :func:`state_to_numpy` (``arrays`` may be an ``np.load`` result); arrays are
-    moved to ``device`` ('cpu' or 'gpu')."""
-    if TREEDEF_KEY not in arrays:
-        raise ValueError(f"arrays has no {TREEDEF_KEY!r} entry; it was not written by "
-                         "state_to_numpy")
-    treedef = json.loads(str(arrays[TREEDEF_KEY][()]))
-
-    def decode(node):
-        if "dict" in node:
-            return {k: decode(v) for k, v in node["dict"].items()}
-        if "list" in node:
-            return [decode(v) for v in node["list"]]
-        if _ARRAY_KEY in node:
-            return to_device(_host_np.array(arrays[node[_ARRAY_KEY]]), device)
-        return node["value"]
-
-    return decode(treedef)

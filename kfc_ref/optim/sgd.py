@@ -6,6 +6,7 @@ from kfc_ref.optim.base import (
     DEFAULT_MOMENTUM, Optimizer, check_momentum, check_positive, compact,
     loss_and_decayed_gradient,
 )
+from kfc_ref.optim.state import SGDState
 
 
 class SGD(Optimizer):
@@ -13,10 +14,13 @@ class SGD(Optimizer):
 
         p <- mu p - lr (grad + lambda theta),   theta <- theta + p,
 
-    then theta_bar <- xi theta_bar + (1 - xi) theta.  State: k, theta_bar, velocity p.
+    then theta_bar <- xi theta_bar + (1 - xi) theta.  State (:class:`SGDState`): k,
+    theta_bar, velocity p.  No curvature: ``factor_init_batches`` = 0, and a step reads
+    nothing back from the device (info: loss, a 0-d device array).
     """
 
     name = "sgd"
+    state_type = SGDState
 
     def __init__(self, lr: float, momentum: float = DEFAULT_MOMENTUM, **common):
         super().__init__(**common)
@@ -28,7 +32,6 @@ class SGD(Optimizer):
 
     def _update(self, state, net, params, x, y, rng):
         loss, g, _ = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, rng)
-        velocity = [self.momentum * p - self.lr * gl for p, gl in zip(state["velocity"], g)]
-        new_ws = [w + p for w, p in zip(compact(net, params), velocity)]
-        state["velocity"] = velocity
+        state.velocity = [self.momentum * p - self.lr * gl for p, gl in zip(state.velocity, g)]
+        new_ws = [w + p for w, p in zip(compact(net, params), state.velocity)]
         return new_ws, state, {"loss": loss}
