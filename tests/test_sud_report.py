@@ -150,3 +150,20 @@ def test_history_recorded_during_training_is_drawn(run_dir, tmp_path):
     assert len(read_sud_history(run)) == 2
     assert cli(["sud", run, "--examples", "20", "--max-offset", "2"]) == 0
     assert os.path.exists(os.path.join(run, "sud", "sud_history.png"))
+
+
+def test_train_records_the_sud_summary_every_k_evaluations_and_sud_plots_it(tmp_path):
+    """``train --sud-every 2`` with an evaluation every 2 of 8 iterations (4 evaluations)
+    records the SUD summary at the 2nd and 4th (iterations 4 and 8); ``sud`` draws it."""
+    from kfc_ref.__main__ import main as cli
+    from kfc_ref.experiments.sud_history import read_sud_history
+    run = str(tmp_path / "run")
+    assert cli(["train", "--data", "digits", "--arch", "small", "--iters", "8",
+                "--eval-every", "2", "--sud-every", "2", "--max-train", "256",
+                "--batch-size", "32", "--out", run, "--quiet"]) == 0
+    history = read_sud_history(run)
+    assert [h["iteration"] for h in history] == [4, 8]
+    layer = history[-1]["layers"][0]
+    assert set(layer) >= {"layer", "derivatives", "activations"}
+    assert cli(["sud", run, "--examples", "64", "--out", str(tmp_path / "sud")]) == 0
+    assert os.path.exists(tmp_path / "sud" / "sud_history.png")

@@ -64,7 +64,9 @@ EVAL_POINTS = 20
 #: iterations at batch 128 (measured: ~8% for the default 60-iteration mnist5k SGD run).
 TRAIN_PER_EVAL_EXAMPLE = 8
 #: Settings that may change on ``--resume`` (the change is recorded in ``config.json``).
-RESUMABLE = ("iters", "epochs", "eval_every", "time_limit", "device", "data_dir")
+#: Test images on which ``--sud-every`` records the SUD summary (fixed across the run).
+SUD_EXAMPLES = 256
+RESUMABLE = ("iters", "epochs", "eval_every", "time_limit", "device", "data_dir", "sud_every")
 #: TrainConfig fields that say where and how to show a run, not what it computes.
 NOT_RECORDED = ("out", "quiet")
 #: The keys of ``config.json`` next to the settings.
@@ -98,6 +100,7 @@ class TrainConfig:
     max_test: int | None = None
     zca: bool = False
     time_limit: float | None = None
+    sud_every: int = 0
     quiet: bool = False
     optimizer_options: dict = field(default_factory=dict)
 
@@ -115,9 +118,9 @@ class TrainConfig:
                 raise ArgumentError(f"{name}={value!r} is not allowed; expected a path")
         check_device(self.device)
         for name, low in (("batch_size", 1), ("iters", 1), ("eval_every", 1), ("max_train", 1),
-                          ("max_test", 1), ("seed", 0), ("eval_examples", 0)):
+                          ("max_test", 1), ("seed", 0), ("eval_examples", 0), ("sud_every", 0)):
             if getattr(self, name) is not None or name in ("batch_size", "seed",
-                                                           "eval_examples"):
+                                                           "eval_examples", "sud_every"):
                 setattr(self, name, check_int(name, getattr(self, name), minimum=low))
         for name in ("lr", "epochs", "time_limit", "damping"):
             if getattr(self, name) is not None:
@@ -324,6 +327,10 @@ def build_train_parser() -> CommandParser:
     p.add_argument("--zca", action="store_true", default=None,
                    help="ZCA-whiten after standardising")
     p.add_argument("--time-limit", type=float, help="stop after this many training seconds")
+    p.add_argument("--sud-every", type=int, metavar="K",
+                   help="every K-th evaluation, append the per-layer SUD summary (App. D.1) of "
+                        f"the first {SUD_EXAMPLES} evaluation test images to "
+                        "RUN_DIR/sud_history.jsonl; `sud RUN_DIR` plots it (default 0: never)")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress output")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="run directory to create")

@@ -33,11 +33,15 @@ from kfc_ref.backend import DEVICES, check_device, namespace_for
 from kfc_ref.data import DATASET_NAMES, load_dataset, preprocess
 from kfc_ref.experiments import plotting
 from kfc_ref.experiments.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint
+from kfc_ref.experiments.config import DEFAULT_ARCH
+from kfc_ref.experiments.sud_history import (  # noqa: F401  (part of this command's API)
+    SUD_HISTORY_NAME, read_sud_history, record_sud_history,
+)
 from kfc_ref.nn.models import ARCHITECTURES, build_model
 from kfc_ref.optim import state_from_numpy
 from kfc_ref.optim.base import expand
 from kfc_ref.theory.correlation import DEFAULT_MAX_OFFSET
-from kfc_ref.theory.sud import sud_analysis, sud_layer_summaries, summaries_to_json
+from kfc_ref.theory.sud import sud_analysis, summaries_to_json
 from kfc_ref.validate import ArgumentError, check_choice, check_int
 
 DEFAULT_EXAMPLES = 500
@@ -72,7 +76,6 @@ def read_run_config(run_dir: str) -> dict:
             if os.path.isdir(os.path.join(base, data_dir)):
                 data_dir = os.path.join(base, data_dir)
                 break
-    from kfc_ref.experiments.train import DEFAULT_ARCH   # lazy: train may import this module
     arch = cfg.get("arch") or DEFAULT_ARCH[data]
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: arch={arch!r} is not one of {ARCHITECTURES}")
@@ -105,43 +108,6 @@ def load_run(run_dir: str, device: str = "cpu", params: str = "averaged", data_d
 
 
 # --------------------------------------------------------------------------- over training
-SUD_HISTORY_NAME = "sud_history.jsonl"
-
-
-def record_sud_history(run_dir: str, iteration: int, net, params, x, rng,
-                       max_offset: int = DEFAULT_MAX_OFFSET) -> dict:
-    """Append one line {"iteration", "examples", "max_offset", "layers"} to
-    ``RUN_DIR/sud_history.jsonl``, with ``layers`` from
-    :func:`kfc_ref.theory.sud.sud_layer_summaries` on the fixed inputs ``x`` (device array,
-    e.g. the first 256 test images) with targets sampled from ``rng``; returns the record.
-    ``sud RUN_DIR`` then also draws ``sud_history.{png,pdf}``.  A line for an iteration that
-    is already there (after ``--resume``) supersedes the earlier one when read."""
-    record = {"iteration": int(iteration), "examples": int(x.shape[0]),
-              "max_offset": int(max_offset),
-              "layers": sud_layer_summaries(net, params, x, rng, max_offset)}
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, SUD_HISTORY_NAME), "a") as fh:
-        fh.write(json.dumps(record, allow_nan=False) + "\n")
-    return record
-
-
-def read_sud_history(run_dir: str) -> list[dict]:
-    """The records of ``RUN_DIR/sud_history.jsonl`` by iteration (the last line per iteration
-    wins; a truncated last line is skipped); [] when there is none."""
-    path = os.path.join(run_dir, SUD_HISTORY_NAME)
-    if not os.path.exists(path):
-        return []
-    by_iteration = {}
-    with open(path) as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_iteration[int(record["iteration"])] = record
-    return [by_iteration[k] for k in sorted(by_iteration)]
-
-
 def plot_history(history: list[dict], out: str) -> list[str]:
     """sud_history.{png,pdf}: mean |corr.| at non-zero offsets per layer against iteration,
     derivatives and activations, shuffled baseline dashed."""

@@ -45,13 +45,15 @@ from kfc_ref.experiments.checkpoint import (CHECKPOINT_NAME, CheckpointError, Fi
                                             load_checkpoint, save_checkpoint)
 from kfc_ref.experiments.cli import fail
 from kfc_ref.experiments.config import (
-    CONFIG_NAME, DEFAULT_ARCH, DEFAULT_LR, RESUMABLE, TrainConfig, build_train_parser,
+    CONFIG_NAME, DEFAULT_ARCH, DEFAULT_LR, RESUMABLE, SUD_EXAMPLES, TrainConfig,
+    build_train_parser,
     config_from_args, new_run_record, read_run_record, reconcile, resolve, settings_of,
     write_run_record)
 from kfc_ref.experiments.metrics import (  # noqa: F401  (read_metrics: part of a run's API)
     METRIC_COLUMNS, METRICS_NAME, format_metric, info_columns, log_value, read_metrics,
     write_metrics)
 from kfc_ref.experiments.progress import Progress
+from kfc_ref.experiments.sud_history import record_sud_history
 from kfc_ref.experiments.rundir import RUN_FILES, check_new_output, make_output
 from kfc_ref.nn.losses import classification_error, cross_entropy
 from kfc_ref.nn.models import build_model
@@ -287,6 +289,15 @@ def _evaluate(setup: Setup, run: RunState) -> dict:
     return row
 
 
+def _record_sud(setup: Setup, run: RunState, run_dir: str) -> None:
+    """Append the SUD summary of the averaged parameters on the first SUD_EXAMPLES evaluation
+    test images (targets sampled with a generator keyed by seed and iteration, so a resumed run
+    records the same line) -- before the checkpoint, so a kill in between re-records it."""
+    x = setup.eval_sets["test"][0][:SUD_EXAMPLES]
+    record_sud_history(run_dir, run.k, setup.net, setup.opt.averaged_params(setup.net, run.state),
+                       x, np.random.default_rng([setup.cfg.seed, 2, run.k]))
+
+
 def _save(setup: Setup, run: RunState, run_dir: str) -> None:
     """Checkpoint first, then metrics.csv (which a resume rewrites from the checkpoint)."""
     save_run_state(os.path.join(run_dir, CHECKPOINT_NAME), setup, run)
@@ -307,6 +318,8 @@ def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progres
                                       f"{row['train_loss']} at iteration {run.k}; stopped. The "
                                       f"last good checkpoint is kept in {ckpt}; try a smaller --lr")
             run.rows.append(row)
+            if cfg.sud_every and len(run.rows) % cfg.sud_every == 0:
+                _record_sud(setup, run, run_dir)
             _save(setup, run, run_dir)
             progress.update(run.k, run.k * cfg.batch_size, run.elapsed,
                             log_value(run.info.get("loss", math.nan)),
