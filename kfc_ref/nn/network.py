@@ -53,11 +53,20 @@ class LayerRecord:
 
 @dataclass
 class Tape:
-    """What a forward pass keeps for the backward and forward-mode passes."""
+    """What a forward pass keeps for the backward and forward-mode passes.  ``output`` is in
+    the public layout; ``caches`` hold the layers' own (channel-major when ``channel_major``)."""
 
     output: object
     caches: list
     input_shape: tuple
+    channel_major: bool = False
+
+
+def _swap_leading(a, swap: bool):
+    """(N, C, H, W) <-> (C, N, H, W) as a view when ``swap`` and ``a`` is 4-D; else ``a``."""
+    if not swap or getattr(a, "ndim", 0) != 4:
+        return a
+    return get_xp(a).transpose(a, (1, 0, 2, 3))
 
 
 class Sequential:
@@ -139,30 +148,56 @@ class Sequential:
 
     # ---------------------------------------------------------------- passes
     def forward(self, params, x, *, train: bool = False, rng=None, check: bool = True) -> Tape:
-        """Run all layers; returns a Tape with the logits (N, C) and every layer's cache."""
+        """Run all layers; returns a Tape with the logits (N, C) and every layer's cache.
+
+        Spatial activations run channel-major, (C, N, H, W), inside the network (the layout of
+        the paper's GPU code, in which a conv's output W_bar [[A]]_H^T needs no transpose): the
+        input is read through a transposed view (the first conv's padding copy converts it) and
+        Flatten converts back, so every public array keeps the (N, C, H, W) convention.
+        """
         self._check_params(params)
         if check:
             self._check_input(x)
-        ctx = Context(train=train, rng=rng)
-        caches, h = [], x
+        cm = x.ndim == 4
+        ctx = Context(train=train, rng=rng, channel_major=cm)
+        caches, h = [], _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
             h, cache = layer.forward(h, W, ctx)
             caches.append(cache)
-        return Tape(h, caches, tuple(x.shape))
+        return Tape(_swap_leading(h, cm), caches, tuple(x.shape), cm)
+
+    def evaluate(self, params, x):
+        """Logits (N, C) in evaluation mode without a tape: caches are dropped layer by layer
+        (no input checks; :meth:`predict_logits` is the chunked, public entry point)."""
+        self._check_params(params)
+        cm = x.ndim == 4
+        ctx = Context(channel_major=cm)
+        h = _swap_leading(x, cm)
+        for layer, W in zip(self.layers, params):
+            h = layer.infer(h, W, ctx)
+        return _swap_leading(h, cm)
 
     def backward(self, params, tape: Tape, dout):
         """Backpropagate ``dout`` (gradient w.r.t. the output) through the tape.
 
         Returns (grads, douts): grads aligned with params (None for parameter-free layers);
-        douts[l] the gradient w.r.t. the pre-activation output of parametric layer l.
+        douts[l] the gradient w.r.t. the pre-activation output of parametric layer l (public
+        layout, a view).  The pass stops at the first parametric layer and skips its input
+        gradient, which nothing reads.
         """
+        cm = tape.channel_major
         grads = [None] * len(self.layers)
         douts = {}
-        for i in range(len(self.layers) - 1, -1, -1):
+        first = self.param_layers[0] if self.param_layers else 0
+        dout = _swap_leading(dout, cm)
+        for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
             if layer.has_params:
-                douts[i] = dout
-            dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
+                douts[i] = _swap_leading(dout, cm)
+                dout, grads[i] = layer.backward(dout, tape.caches[i], params[i],
+                                                input_grad=i > first)
+            else:
+                dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
         return grads, douts
 
     def jvp(self, params, tape: Tape, dparams):
@@ -177,7 +212,7 @@ class Sequential:
             if d is None and dW is None:
                 continue
             d = layer.jvp(d, tape.caches[i], params[i], dW)
-        return d
+        return _swap_leading(d, tape.channel_major)
 
     # ---------------------------------------------------------------- conveniences
     def loss_and_grads(self, params, x, y, *, train=False, rng=None):
@@ -213,16 +248,19 @@ class Sequential:
     def layer_inputs(self, params, x) -> list:
         """The input of every layer (evaluation mode): inputs[l] has shape (N, *shapes[l])."""
         self._check_params(params)
-        inputs, h = [], x
+        cm = x.ndim == 4
+        ctx = Context(channel_major=cm)
+        inputs, h = [], _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
-            inputs.append(h)
-            h, _ = layer.forward(h, W, Context())
+            inputs.append(_swap_leading(h, cm))
+            h = layer.infer(h, W, ctx)
         return inputs
 
     def predict_logits(self, params, x, batch_size: int = 1000):
         """Logits in evaluation mode, computed in chunks of ``batch_size`` examples."""
         xp = get_xp(x)
-        outs = [self.forward(params, x[s:s + batch_size]).output
+        self._check_input(x)
+        outs = [self.evaluate(params, x[s:s + batch_size])
                 for s in range(0, x.shape[0], batch_size)]
         return xp.concatenate(outs, axis=0)
 

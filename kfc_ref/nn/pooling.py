@@ -1,18 +1,34 @@
 """Spatial layers without parameters: max pooling, average pooling, response normalisation.
 
-All three are written as loops over window offsets with strided slicing (no scatter-add), so
-they run unchanged on CuPy.  ``ceil_mode=True`` gives cuda-convnet's pools: the number of outputs
-per axis is ceil((T - size)/stride) + 1 and windows at the bottom/right border are partial
-(32 -> 16 -> 8 -> 4 for size 3, stride 2).  Forward-mode passes (``jvp``) are included because
-exact Fisher-vector products for update clipping (App. B.1, B.3) go through these layers.
+They act on each (example, channel) map through the two trailing axes, so they run unchanged on
+(N, C, H, W) and on the network's channel-major (C, N, H, W) arrays.  ``ceil_mode=True`` gives
+cuda-convnet's pools: the number of outputs per axis is ceil((T - size)/stride) + 1 and windows
+at the bottom/right border are partial (32 -> 16 -> 8 -> 4 for size 3, stride 2).
+Forward-mode passes (``jvp``) are included because exact Fisher-vector products for update
+clipping (App. B.1, B.3) go through these layers.
+
+Each window reduction has two formulations, chosen by :func:`kfc_ref.backend.few_launches`:
+
+* on NumPy, *separable* passes: a size x size window is a 1-D reduction over columns, then over
+  rows (2(size-1) strided slice operations instead of size^2; max-pool tracks the winner of
+  each pass, its backward routes the derivative back through the two passes);
+* elsewhere (CuPy, and the test namespace that stands in for it), *gathers*: one strided
+  gather of every window (:func:`kfc_ref.backend.strided_gather`), one reduction, and for the
+  backward one scatter-add (:func:`kfc_ref.backend.scatter_add`): a fixed, small number of
+  kernel launches.
+
+Both are checked against each other and against the loop twins in ``kfc_ref.nn.loops``.
 """
 from __future__ import annotations
 
 import math
 
-from kfc_ref.backend import get_xp
-from kfc_ref.nn.expand import pad_spatial
+import numpy as _host_np  # host-side border counts only
+
+from kfc_ref.backend import asarray_like, few_launches, flat_index, get_xp, scatter_add, \
+    strided_gather
 from kfc_ref.nn.layers import Layer, _check_rank
+from kfc_ref.validate import check_int, check_number
 
 
 def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
@@ -25,14 +41,48 @@ def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
     return out
 
 
+def _pad(x, top_left: int, bottom_right_h: int, bottom_right_w: int, value: float):
+    """Pad the two trailing axes (``top_left`` before, the others after) with ``value``; a
+    C-contiguous copy (also when nothing is padded, so gathers can read it)."""
+    xp = get_xp(x)
+    a, b, h, w = x.shape
+    out = xp.full((a, b, h + top_left + bottom_right_h, w + top_left + bottom_right_w), value,
+                  dtype=x.dtype)
+    out[:, :, top_left:top_left + h, top_left:top_left + w] = x
+    return out
+
+
+def _windows(padded_shape, size: int, stride: int, ho: int, wo: int):
+    """(shape, element strides) of the (A, B, Ho, Wo, size, size) window view of a
+    C-contiguous (A, B, Hp, Wp) array."""
+    a, b, hp, wp = padded_shape
+    return (a, b, ho, wo, size, size), (b * hp * wp, hp * wp, stride * wp, stride, wp, 1)
+
+
+def _gather_windows(xpad, size, stride, ho, wo):
+    """Every window as a C-contiguous (A, B, Ho, Wo, size*size) array (one gather)."""
+    shape, strides = _windows(xpad.shape, size, stride, ho, wo)
+    return strided_gather(xpad, shape, strides).reshape(shape[:4] + (size * size,))
+
+
+def _scatter_windows(values, padded_shape, size, stride, dtype):
+    """Adjoint of :func:`_gather_windows`: (A, B, Ho, Wo, size*size) values summed onto a zero
+    (A, B, Hp, Wp) array (one scatter-add)."""
+    xp = get_xp(values)
+    out = xp.zeros(padded_shape, dtype=dtype)
+    ho, wo = values.shape[2:4]
+    shape, strides = _windows(padded_shape, size, stride, ho, wo)
+    scatter_add(out, flat_index(xp, shape, strides), values)
+    return out
+
+
 class _Pool(Layer):
     def __init__(self, size: int, stride: int | None = None, ceil_mode: bool = False):
         stride = size if stride is None else stride
-        for name, val in (("size", size), ("stride", stride)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{type(self).__name__}: {name}={val!r} must be a positive "
-                                 "integer")
-        self.size, self.stride, self.ceil_mode = size, stride, bool(ceil_mode)
+        name = type(self).__name__
+        self.size = check_int(f"{name}: size", size, minimum=1)
+        self.stride = check_int(f"{name}: stride", stride, minimum=1)
+        self.ceil_mode = bool(ceil_mode)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 3:
@@ -50,107 +100,188 @@ class _Pool(Layer):
         extra_w = (wo - 1) * self.stride + self.size - w
         return ho, wo, max(extra_h, 0), max(extra_w, 0)
 
-    @staticmethod
-    def _pad_bottom_right(x, eh, ew, value):
-        if eh == 0 and ew == 0:
-            return x
-        xp = get_xp(x)
-        n, c, h, w = x.shape
-        out = xp.full((n, c, h + eh, w + ew), value, dtype=x.dtype)
-        out[:, :, :h, :w] = x
-        return out
+    def _cols(self, a, v, wo):
+        """Columns v, v + s, ... of ``a`` (one per output column): a strided view."""
+        return a[:, :, :, v:v + self.stride * (wo - 1) + 1:self.stride]
 
-    def _window(self, u, v, ho, wo):
-        s = self.stride
-        return slice(u, u + s * (ho - 1) + 1, s), slice(v, v + s * (wo - 1) + 1, s)
-
-    def _offsets(self):
-        for u in range(self.size):
-            for v in range(self.size):
-                yield u * self.size + v, u, v
+    def _rows(self, a, u, ho):
+        """Rows u, u + s, ... of ``a`` (one per output row): a strided view."""
+        return a[:, :, u:u + self.stride * (ho - 1) + 1:self.stride]
 
 
 class MaxPool2d(_Pool):
     """Max over each size x size window.  The derivative goes to the first maximiser of each
-    window (row-major offset order); padding cells are -inf and never win."""
+    window (row-major offset order); padding cells are -inf and never win.
+
+    Separable form: m[r, ow] = max_v x[r, s ow + v] (winner v*(r, ow), the first), then
+    out[oh, ow] = max_u m[s oh + u, ow] (winner u*, the first): the first maximiser in
+    row-major order is (u*, v*(s oh + u*, ow)).  ``cache[0]`` is its offset u* size + v*.
+    """
 
     def forward(self, x, W=None, ctx=None):
         xp = get_xp(x)
         ho, wo, eh, ew = self._geometry(x)
-        xpad = self._pad_bottom_right(x, eh, ew, -xp.inf)
-        best = arg = None
-        for k, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            cand = xpad[:, :, r, s]
-            if best is None:
-                best = cand.copy()
-                arg = xp.zeros(cand.shape, dtype=xp.int32)
+        xpad = _pad(x, 0, eh, ew, -xp.inf)
+        if few_launches(xp):
+            win = _gather_windows(xpad, self.size, self.stride, ho, wo)
+            arg = xp.argmax(win, axis=-1)
+            return xp.max(win, axis=-1), (arg, xpad.shape, x.shape)
+        # separable: columns, then rows, tracking the first winner of each pass
+        m, av = None, None
+        for v in range(self.size):
+            c = self._cols(xpad, v, wo)
+            if m is None:
+                m, av = c.copy(), xp.zeros(c.shape, dtype=xp.int8)
             else:
-                better = cand > best
-                best = xp.where(better, cand, best)
-                arg = xp.where(better, xp.asarray(k, dtype=xp.int32), arg)
-        return best, (arg, x.shape, eh, ew)
+                better = c > m
+                xp.maximum(m, c, out=m)
+                av[better] = v
+        best, au, v_at = None, None, None
+        for u in range(self.size):
+            c, a = self._rows(m, u, ho), self._rows(av, u, ho)
+            if best is None:
+                best, au, v_at = c.copy(), xp.zeros(c.shape, dtype=xp.int8), a.copy()
+            else:
+                better = c > best
+                xp.maximum(best, c, out=best)
+                au[better] = u
+                v_at[better] = a[better]
+        arg = au.astype(xp.int32) * self.size + v_at
+        return best, (arg, xpad.shape, x.shape, au, av)
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
-        arg, (n, c, h, w), eh, ew = cache
+        arg, padded_shape, (_, _, h, w) = cache[:3]
+        if len(cache) == 3:                                   # gathered windows
+            ho, wo = dout.shape[2:]
+            shape, strides = _windows(padded_shape, self.size, self.stride, ho, wo)
+            win_index = flat_index(xp, shape, strides).reshape(shape[:4] + (self.size ** 2,))
+            where = xp.take_along_axis(win_index, arg[..., None], axis=-1)
+            dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
+            scatter_add(dxpad, where, dout)
+            return dxpad[:, :, :h, :w], None
+        au, av = cache[3:]
         ho, wo = dout.shape[2:]
-        dxpad = xp.zeros((n, c, h + eh, w + ew), dtype=dout.dtype)
-        zero = xp.zeros((), dtype=dout.dtype)
-        for k, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            dxpad[:, :, r, s] += xp.where(arg == k, dout, zero)
+        dm = xp.zeros(av.shape, dtype=dout.dtype)             # derivative w.r.t. m
+        for u in range(self.size):
+            self._rows(dm, u, ho)[...] += xp.where(au == u, dout, 0)
+        dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
+        for v in range(self.size):
+            self._cols(dxpad, v, wo)[...] += xp.where(av == v, dm, 0)
         return dxpad[:, :, :h, :w], None
+
+    def infer(self, x, W=None, ctx=None):
+        xp = get_xp(x)
+        ho, wo, eh, ew = self._geometry(x)
+        xpad = _pad(x, 0, eh, ew, -xp.inf)
+        if few_launches(xp):
+            return xp.max(_gather_windows(xpad, self.size, self.stride, ho, wo), axis=-1)
+        m = None
+        for v in range(self.size):
+            c = self._cols(xpad, v, wo)
+            m = c.copy() if m is None else xp.maximum(m, c, out=m)
+        best = None
+        for u in range(self.size):
+            c = self._rows(m, u, ho)
+            best = c.copy() if best is None else xp.maximum(best, c, out=best)
+        return best
 
     def jvp(self, dx, cache, W=None, dW=None):
         xp = get_xp(dx)
-        arg, _, eh, ew = cache
+        arg, padded_shape = cache[:2]
+        _, _, hp, wp = padded_shape
+        h, w = dx.shape[2:]
+        dxpad = _pad(dx, 0, hp - h, wp - w, 0.0)
         ho, wo = arg.shape[2:]
-        dxpad = self._pad_bottom_right(dx, eh, ew, 0.0)
-        out = xp.zeros(arg.shape, dtype=dx.dtype)
-        for k, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            out = xp.where(arg == k, dxpad[:, :, r, s], out)
-        return out
+        if len(cache) == 3:
+            win = _gather_windows(dxpad, self.size, self.stride, ho, wo)
+            return xp.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+        au, av = cache[3:]
+        dm = None
+        for v in range(self.size):
+            c = xp.where(av == v, self._cols(dxpad, v, wo), 0)
+            dm = c if dm is None else dm + c
+        out = None
+        for u in range(self.size):
+            c = xp.where(au == u, self._rows(dm, u, ho), 0)
+            out = c if out is None else out + c
+        return out.astype(dx.dtype, copy=False)
+
+
+def _sum_views(views):
+    """Sum of equally shaped views into a new array: len(views) - 1 launches (one copy for a
+    single view)."""
+    xp = get_xp(views[0])
+    if len(views) == 1:
+        return views[0].copy()
+    out = xp.add(views[0], views[1])
+    for v in views[2:]:
+        xp.add(out, v, out=out)
+    return out
 
 
 class AvgPool2d(_Pool):
     """Mean over each window of the cells that lie inside the input (cuda-convnet divides a
     partial border window by the number of cells it covers)."""
 
-    def _sum_windows(self, xpad, ho, wo):
-        out = None
-        for _, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            out = xpad[:, :, r, s].copy() if out is None else out + xpad[:, :, r, s]
-        return out
+    def __init__(self, size: int, stride: int | None = None, ceil_mode: bool = False):
+        super().__init__(size, stride, ceil_mode)
+        self._count_cache: dict = {}
 
-    def _counts(self, like, h, w, ho, wo, eh, ew):
+    def _counts(self, like, h, w, ho, wo):
+        """Cells of the input in each window, (1, 1, Ho, Wo): a product of per-axis counts,
+        computed on the host once per input size and namespace."""
         xp = get_xp(like)
-        ones = xp.ones((1, 1, h, w), dtype=like.dtype)
-        return self._sum_windows(self._pad_bottom_right(ones, eh, ew, 0.0), ho, wo)
+        key = (id(xp), str(like.dtype), h, w)
+        counts = self._count_cache.get(key)
+        if counts is None:
+            s, k = self.stride, self.size
+            rows = _host_np.array([min(o * s + k, h) - o * s for o in range(ho)], float)
+            cols = _host_np.array([min(o * s + k, w) - o * s for o in range(wo)], float)
+            counts = asarray_like(_host_np.outer(rows, cols)[None, None], like)
+            self._count_cache[key] = counts
+        return counts
+
+    def _window_sums(self, x, ho, wo, eh, ew):
+        xp = get_xp(x)
+        xpad = _pad(x, 0, eh, ew, 0.0)
+        if few_launches(xp):
+            return xp.sum(_gather_windows(xpad, self.size, self.stride, ho, wo), axis=-1)
+        r = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)])
+        return _sum_views([self._rows(r, u, ho) for u in range(self.size)])
 
     def forward(self, x, W=None, ctx=None):
         ho, wo, eh, ew = self._geometry(x)
-        counts = self._counts(x, x.shape[2], x.shape[3], ho, wo, eh, ew)
-        out = self._sum_windows(self._pad_bottom_right(x, eh, ew, 0.0), ho, wo) / counts
+        counts = self._counts(x, x.shape[2], x.shape[3], ho, wo)
+        out = self._window_sums(x, ho, wo, eh, ew)
+        out /= counts
         return out, (x.shape, eh, ew, counts)
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
-        (n, c, h, w), eh, ew, counts = cache
+        (a, b, h, w), eh, ew, counts = cache
         ho, wo = dout.shape[2:]
         g = dout / counts
-        dxpad = xp.zeros((n, c, h + eh, w + ew), dtype=dout.dtype)
-        for _, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            dxpad[:, :, r, s] += g
+        padded = (a, b, h + eh, w + ew)
+        if few_launches(xp):
+            spread = xp.broadcast_to(g[..., None], g.shape + (self.size ** 2,))
+            dxpad = _scatter_windows(xp.ascontiguousarray(spread), padded, self.size,
+                                     self.stride, dout.dtype)
+            return dxpad[:, :, :h, :w], None
+        dr = xp.zeros((a, b, h + eh, wo), dtype=dout.dtype)
+        for u in range(self.size):
+            self._rows(dr, u, ho)[...] += g
+        dxpad = xp.zeros(padded, dtype=dout.dtype)
+        for v in range(self.size):
+            self._cols(dxpad, v, wo)[...] += dr
         return dxpad[:, :, :h, :w], None
 
     def jvp(self, dx, cache, W=None, dW=None):
         _, eh, ew, counts = cache
         ho, wo = counts.shape[2:]
-        return self._sum_windows(self._pad_bottom_right(dx, eh, ew, 0.0), ho, wo) / counts
+        out = self._window_sums(dx, ho, wo, eh, ew)
+        out /= counts
+        return out
 
 
 class ResponseNorm(Layer):
@@ -159,45 +290,72 @@ class ResponseNorm(Layer):
     The window is centred (offsets -(size//2) .. size-1-size//2 on each axis), within one map,
     and cells outside the map contribute 0.  Default constants are the CIFAR-10 "18%" net's
     (size 3, scale 5e-5, power 0.75).  Writing D = 1 + c * box(x^2) with c = scale/size^2:
-    dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).
+    dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).  The box sum is separable (a
+    1-D sum over columns, then over rows) on every namespace.
     """
 
     def __init__(self, size: int = 3, scale: float = 5e-5, power: float = 0.75):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"ResponseNorm: size={size!r} must be a positive integer")
-        if not scale >= 0 or not power >= 0:
-            raise ValueError(f"ResponseNorm: scale={scale!r} and power={power!r} must be >= 0")
-        self.size, self.scale, self.power = size, float(scale), float(power)
+        self.size = check_int("ResponseNorm: size", size, minimum=1)
+        self.scale = check_number("ResponseNorm: scale", scale, minimum=0.0)
+        self.power = check_number("ResponseNorm: power", power, minimum=0.0)
 
-    def _box(self, z, transpose=False):
-        """Sum of z over the window around each cell (or the transposed window)."""
-        lo = -(self.size // 2)
-        offsets = range(lo, lo + self.size)
-        pad = self.size
-        zpad = pad_spatial(z, pad)
-        h, w = z.shape[2:]
-        out = None
-        for du in offsets:
-            for dv in offsets:
-                a, b = (-du, -dv) if transpose else (du, dv)
-                part = zpad[:, :, pad + a:pad + a + h, pad + b:pad + b + w]
-                out = part.copy() if out is None else out + part
-        return out
+    def _padded(self, z):
+        """A zero (A, B, H + 2 lo, W + 2 lo) array (lo = size // 2, the widest reach of the
+        window and of its transpose) and its interior view, into which the caller writes the
+        field to be box-summed."""
+        xp = get_xp(z)
+        a, b, h, w = z.shape
+        lo = self.size // 2
+        buf = xp.zeros((a, b, h + 2 * lo, w + 2 * lo), dtype=z.dtype)
+        return buf, buf[:, :, lo:lo + h, lo:lo + w]
+
+    def _box(self, buf, h, w, transpose=False):
+        """Sum over the window around each cell (or the transposed window) of the field held
+        in the interior of ``buf`` (from :meth:`_padded`): separable, 2(size-1) additions."""
+        lo = self.size // 2
+        offsets = range(-lo, self.size - lo)
+        starts = [lo - d if transpose else lo + d for d in offsets]
+        r = _sum_views([buf[:, :, :, s:s + w] for s in starts])
+        return _sum_views([r[:, :, s:s + h] for s in starts])
 
     def forward(self, x, W=None, ctx=None):
         _check_rank(x, 4, "ResponseNorm")
+        xp = get_xp(x)
         c = self.scale / self.size ** 2
-        denom = 1 + c * self._box(x * x)
+        buf, inner = self._padded(x)
+        xp.multiply(x, x, out=inner)
+        denom = self._box(buf, *x.shape[2:])
+        denom *= c
+        denom += 1
         scale = denom ** (-self.power)
         return x * scale, (x, denom, scale)
 
+    def infer(self, x, W=None, ctx=None):
+        return self.forward(x, W, ctx)[0]
+
     def backward(self, dout, cache, W=None):
+        xp = get_xp(dout)
         x, denom, scale = cache
         c = self.scale / self.size ** 2
-        inner = dout * x * scale / denom
-        return dout * scale - 2 * c * self.power * x * self._box(inner, transpose=True), None
+        g = dout * scale
+        buf, inner = self._padded(x)
+        xp.multiply(g, x, out=inner)
+        inner /= denom
+        t = self._box(buf, *x.shape[2:], transpose=True)
+        t *= x
+        t *= 2 * c * self.power
+        g -= t
+        return g, None
 
     def jvp(self, dx, cache, W=None, dW=None):
+        xp = get_xp(dx)
         x, denom, scale = cache
         c = self.scale / self.size ** 2
-        return dx * scale - 2 * c * self.power * x * scale / denom * self._box(x * dx)
+        buf, inner = self._padded(x)
+        xp.multiply(x, dx, out=inner)
+        t = self._box(buf, *x.shape[2:])
+        t *= x
+        t *= scale
+        t /= denom
+        t *= 2 * c * self.power
+        return dx * scale - t
