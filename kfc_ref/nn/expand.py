@@ -96,7 +96,7 @@ def _channel_major_padded(x, padding: int, channel_major: bool):
     """The input as a C-contiguous, zero-padded (J, N, H + 2p, W + 2p) array: the one copy
     that also converts an (N, J, H, W) input to the channel-major layout."""
     xp = get_xp(x)
-    x_cm = x if channel_major else xp.transpose(x, (1, 0, 2, 3))
+    x_cm = x if channel_major else x.transpose(1, 0, 2, 3)
     if padding:
         return pad_spatial(x_cm, padding)
     if getattr(x_cm, "flags", None) is not None and x_cm.flags.c_contiguous:
@@ -162,17 +162,15 @@ def im2col(x, geom: ConvGeometry):
 
 def patches_view(matrix, n: int):
     """(N, |T|, K) patches as a view of a (K, N*|T|) matrix [[A]]^T."""
-    xp = get_xp(matrix)
     k, nt = matrix.shape
-    return xp.transpose(matrix.reshape(k, n, nt // n), (1, 2, 0))
+    return matrix.reshape(k, n, nt // n).transpose(1, 2, 0)
 
 
 def patch_matrix(patches):
     """[[A]]^T as a (J*|Delta|, N*|T|) matrix: a view for :func:`im2col`'s output, a copy
     otherwise."""
-    xp = get_xp(patches)
     n, t, k = patches.shape
-    return xp.transpose(patches, (2, 0, 1)).reshape(k, n * t)
+    return patches.transpose(2, 0, 1).reshape(k, n * t)
 
 
 def col2im_matrix(matrix, input_shape_cm: tuple, geom: ConvGeometry, method: str | None = None):
@@ -210,10 +208,9 @@ def col2im(cols, input_shape: tuple[int, int, int, int], geom: ConvGeometry,
     """Adjoint of :func:`im2col`: sum (N, |T|, J*|Delta|) patch entries (any memory layout) back
     onto an (N, J, H, W) grid; <im2col(x), Y> = <x, col2im(Y)>.  Returns an (N, J, H, W) view
     of the channel-major result of :func:`col2im_matrix`."""
-    xp = get_xp(cols)
     n, j, h, w = input_shape
     out = col2im_matrix(patch_matrix(cols), (j, n, h, w), geom, method)
-    return xp.transpose(out, (1, 0, 2, 3))
+    return out.transpose(1, 0, 2, 3)
 
 
 def expand_homogeneous(patches):

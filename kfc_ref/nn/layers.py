@@ -154,7 +154,7 @@ class Conv2d(Layer):
         s = s.reshape(-1, cache.batch, ho, wo)
         if cache.channel_major:
             return s
-        return xp.ascontiguousarray(xp.transpose(s, (1, 0, 2, 3)))
+        return xp.ascontiguousarray(s.transpose(1, 0, 2, 3))
 
     def forward(self, x, W=None, ctx=None):
         cm = _channel_major(ctx)
@@ -165,9 +165,8 @@ class Conv2d(Layer):
     @staticmethod
     def derivatives(dout):
         """DS per example: (N, I, Ho, Wo) -> (N, |T|, I)."""
-        xp = get_xp(dout)
         n, i = dout.shape[:2]
-        return xp.transpose(dout.reshape(n, i, -1), (0, 2, 1))
+        return dout.reshape(n, i, -1).transpose(0, 2, 1)
 
     @staticmethod
     def patches(cache):
@@ -177,10 +176,9 @@ class Conv2d(Layer):
     @staticmethod
     def _ds_matrix(dout, cache: ConvCache):
         """DS^T as an (I, N|T|) matrix from dout in the cache's layout."""
-        xp = get_xp(dout)
         i = dout.shape[0] if cache.channel_major else dout.shape[1]
         if not cache.channel_major:
-            dout = xp.transpose(dout, (1, 0, 2, 3))
+            dout = dout.transpose(1, 0, 2, 3)
         return dout.reshape(i, -1)
 
     def backward(self, dout, cache, W=None, input_grad: bool = True):
@@ -190,18 +188,16 @@ class Conv2d(Layer):
         xp = get_xp(dout, W)
         ds = self._ds_matrix(dout, cache)                         # DS^T, (I, N|T|)
         A = cache.matrix                                          # [[A]]^T, (J|Delta|, N|T|)
-        dW = xp.empty(W.shape, dtype=W.dtype)
-        dW[:, 0] = xp.sum(ds, axis=1)
-        # [[A]] DS (K x I) then transposed: OpenBLAS is several times faster with the long
+        # [[A]]^T DS (K x I), then transposed: OpenBLAS is several times faster with the long
         # N|T| axis as the contraction of a (K x N|T|)(N|T| x I) product in this order.
-        dW[:, 1:] = xp.transpose(A @ xp.transpose(ds))
+        dW = xp.concatenate([xp.sum(ds, axis=1)[:, None], (A @ ds.T).T], axis=1)
         if not input_grad:
             return None, dW
-        dA = xp.transpose(W[:, 1:]) @ ds                          # (J|Delta|, N|T|)
+        dA = W[:, 1:].T @ ds                          # (J|Delta|, N|T|)
         shape = cache.input_shape
         shape_cm = shape if cache.channel_major else (shape[1], shape[0]) + tuple(shape[2:])
         dx = col2im_matrix(dA, shape_cm, self.geom)
-        return (dx if cache.channel_major else xp.transpose(dx, (1, 0, 2, 3))), dW
+        return (dx if cache.channel_major else dx.transpose(1, 0, 2, 3)), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
         """d s = [[dx]] W^T + [[A]]_H dW_bar^T (bilinear in input and parameters)."""
@@ -251,8 +247,7 @@ class Dense(Layer):
         if x.shape[1] != self.in_features or tuple(W.shape) != self.param_shape:
             raise ValueError(f"Dense: input features {x.shape[1]} / W_bar {tuple(W.shape)} do "
                              f"not match J={self.in_features}, W_bar {self.param_shape}")
-        xp = get_xp(x, W)
-        return x @ xp.transpose(W[:, 1:]) + W[:, 0], x
+        return x @ W[:, 1:].T + W[:, 0], x
 
     @staticmethod
     def derivatives(dout):
@@ -266,18 +261,15 @@ class Dense(Layer):
 
     def backward(self, dout, cache, W=None, input_grad: bool = True):
         xp = get_xp(dout, W)
-        dW = xp.empty(W.shape, dtype=W.dtype)
-        dW[:, 0] = xp.sum(dout, axis=0)
-        dW[:, 1:] = xp.transpose(dout) @ cache
+        dW = xp.concatenate([xp.sum(dout, axis=0)[:, None], dout.T @ cache], axis=1)
         return (dout @ W[:, 1:] if input_grad else None), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
-        xp = get_xp(cache, W)
         out = None
         if dW is not None:
-            out = cache @ xp.transpose(dW[:, 1:]) + dW[:, 0]
+            out = cache @ dW[:, 1:].T + dW[:, 0]
         if dx is not None:
-            d = dx @ xp.transpose(W[:, 1:])
+            d = dx @ W[:, 1:].T
             out = d if out is None else out + d
         return out
 
@@ -341,7 +333,7 @@ class Flatten(Layer):
     @staticmethod
     def _flat(x, cm):
         if cm:
-            x = get_xp(x).transpose(x, (1, 0, 2, 3))
+            x = x.transpose(1, 0, 2, 3)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dout, cache, W=None):
@@ -349,7 +341,7 @@ class Flatten(Layer):
         if not cm:
             return dout.reshape(shape), None
         c, n, h, w = shape
-        return get_xp(dout).transpose(dout.reshape(n, c, h, w), (1, 0, 2, 3)), None
+        return dout.reshape(n, c, h, w).transpose(1, 0, 2, 3), None
 
     def jvp(self, dx, cache, W=None, dW=None):
         return self._flat(dx, cache[1])

@@ -66,7 +66,7 @@ def _swap_leading(a, swap: bool):
     """(N, C, H, W) <-> (C, N, H, W) as a view when ``swap`` and ``a`` is 4-D; else ``a``."""
     if not swap or getattr(a, "ndim", 0) != 4:
         return a
-    return get_xp(a).transpose(a, (1, 0, 2, 3))
+    return a.transpose(1, 0, 2, 3)
 
 
 class Sequential:
@@ -185,20 +185,30 @@ class Sequential:
         layout, a view).  The pass stops at the first parametric layer and skips its input
         gradient, which nothing reads.
         """
-        cm = tape.channel_major
         grads = [None] * len(self.layers)
         douts = {}
-        first = self.param_layers[0] if self.param_layers else 0
-        dout = _swap_leading(dout, cm)
-        for i in range(len(self.layers) - 1, first - 1, -1):
-            layer = self.layers[i]
-            if layer.has_params:
-                douts[i] = _swap_leading(dout, cm)
-                dout, grads[i] = layer.backward(dout, tape.caches[i], params[i],
-                                                input_grad=i > first)
-            else:
-                dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
+        dout = _swap_leading(dout, tape.channel_major)
+        for i in range(len(self.layers) - 1, self._first_backward_layer - 1, -1):
+            dout = self._backward_layer(i, params, tape, dout, grads, douts)
         return grads, douts
+
+    @property
+    def _first_backward_layer(self) -> int:
+        """The backward pass stops at the first parametric layer (nothing before it has a
+        gradient to receive)."""
+        return self.param_layers[0] if self.param_layers else 0
+
+    def _backward_layer(self, i, params, tape: Tape, dout, grads: list, douts: dict):
+        """One layer of :meth:`backward` (``dout`` in the tape's layout); returns its input
+        gradient (None for the first parametric layer)."""
+        layer = self.layers[i]
+        if not layer.has_params:
+            dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
+            return dout
+        douts[i] = _swap_leading(dout, tape.channel_major)
+        dout, grads[i] = layer.backward(dout, tape.caches[i], params[i],
+                                        input_grad=i > self._first_backward_layer)
+        return dout
 
     def jvp(self, params, tape: Tape, dparams):
         """Forward-mode pass: J_theta v for a parameter direction ``dparams`` (list like params).
@@ -269,3 +279,35 @@ class Sequential:
         for layer, shape in zip(self.layers, self.shapes[1:]):
             lines.append(f"  {layer!r} -> {shape}")
         return "\n".join(lines)
+
+
+class stage_runner:
+    """:meth:`Sequential.forward` and :meth:`Sequential.backward` one layer at a time, for
+    per-stage profiles (``bench conv --profile``): ``forward_next()`` per layer, ``output()``,
+    ``start_backward(dlogits)``, then ``backward_next()`` per layer, last to first (a no-op for
+    the layers in front of the first parametric one, which the backward pass skips)."""
+
+    def __init__(self, net: Sequential, params, x):
+        self.net, self.params = net, params
+        cm = x.ndim == 4
+        self.tape = Tape(None, [], tuple(x.shape), cm)
+        self.ctx = Context(channel_major=cm)
+        self.h = _swap_leading(x, cm)
+
+    def forward_next(self):
+        i = len(self.tape.caches)
+        self.h, cache = self.net.layers[i].forward(self.h, self.params[i], self.ctx)
+        self.tape.caches.append(cache)
+
+    def output(self):
+        return _swap_leading(self.h, self.tape.channel_major)
+
+    def start_backward(self, dout):
+        self.i, self.grads, self.douts = len(self.net.layers) - 1, [None] * len(self.net.layers), {}
+        self.d = _swap_leading(dout, self.tape.channel_major)
+
+    def backward_next(self):
+        if self.i >= self.net._first_backward_layer:
+            self.d = self.net._backward_layer(self.i, self.params, self.tape, self.d,
+                                              self.grads, self.douts)
+        self.i -= 1

@@ -113,61 +113,50 @@ class MaxPool2d(_Pool):
     """Max over each size x size window.  The derivative goes to the first maximiser of each
     window (row-major offset order); padding cells are -inf and never win.
 
-    Separable form: m[r, ow] = max_v x[r, s ow + v] (winner v*(r, ow), the first), then
-    out[oh, ow] = max_u m[s oh + u, ow] (winner u*, the first): the first maximiser in
-    row-major order is (u*, v*(s oh + u*, ow)).  ``cache[0]`` is its offset u* size + v*.
+    The forward pass finds each window's winner and keeps its flat position in the padded
+    input; the backward pass is then one scatter-add of dout at those positions and the
+    forward-mode pass one gather.  On NumPy the winner comes from separable passes,
+    m[r, ow] = max_v x[r, s ow + v] (first winner v*), then out = max_u m[s oh + u, ow] (first
+    winner u*): the first maximiser in row-major order is (u*, v*(s oh + u*, ow)).  Elsewhere
+    it is an argmax over the gathered windows.  ``cache[0]`` is the winner's offset
+    u* size + v*.
     """
+
+    def _winners(self, xpad, ho, wo):
+        """(out, offset u*size + v*, flat position in ``xpad``) of each window's first max."""
+        xp = get_xp(xpad)
+        k, wp = self.size, xpad.shape[3]
+        shape, strides = _windows(xpad.shape, k, self.stride, ho, wo)
+        if few_launches(xp):
+            win = _gather_windows(xpad, k, self.stride, ho, wo)
+            arg = xp.argmax(win, axis=-1)
+            index = flat_index(xp, shape, strides).reshape(shape[:4] + (k * k,))
+            where = xp.take_along_axis(index, arg[..., None], axis=-1)[..., 0]
+            return xp.max(win, axis=-1), arg, where
+        m = _sum_views([self._cols(xpad, v, wo) for v in range(k)], xp.maximum)
+        out = _sum_views([self._rows(m, u, ho) for u in range(k)], xp.maximum)
+        av = _first_index([self._cols(xpad, v, wo) for v in range(k)], m)
+        au = _first_index([self._rows(m, u, ho) for u in range(k)], out)
+        # v* of the winning row: av read at row s*oh + u* of the (A, B, Hp, Wo) row maxima
+        a, b, hp, _ = xpad.shape
+        row_of = flat_index(xp, (a, b, ho, wo), (b * hp * wo, hp * wo, self.stride * wo, 1))
+        v_star = xp.take(av.reshape(-1), row_of + au.astype(xp.int64) * wo)
+        arg = au.astype(xp.int32) * k + v_star
+        where = flat_index(xp, shape[:4], strides[:4]) + (au.astype(xp.int64) * wp + v_star)
+        return out, arg, where
 
     def forward(self, x, W=None, ctx=None):
         xp = get_xp(x)
         ho, wo, eh, ew = self._geometry(x)
         xpad = _pad(x, 0, eh, ew, -xp.inf)
-        if few_launches(xp):
-            win = _gather_windows(xpad, self.size, self.stride, ho, wo)
-            arg = xp.argmax(win, axis=-1)
-            return xp.max(win, axis=-1), (arg, xpad.shape, x.shape)
-        # separable: columns, then rows, tracking the first winner of each pass
-        m, av = None, None
-        for v in range(self.size):
-            c = self._cols(xpad, v, wo)
-            if m is None:
-                m, av = c.copy(), xp.zeros(c.shape, dtype=xp.int8)
-            else:
-                better = c > m
-                xp.maximum(m, c, out=m)
-                av[better] = v
-        best, au, v_at = None, None, None
-        for u in range(self.size):
-            c, a = self._rows(m, u, ho), self._rows(av, u, ho)
-            if best is None:
-                best, au, v_at = c.copy(), xp.zeros(c.shape, dtype=xp.int8), a.copy()
-            else:
-                better = c > best
-                xp.maximum(best, c, out=best)
-                au[better] = u
-                v_at[better] = a[better]
-        arg = au.astype(xp.int32) * self.size + v_at
-        return best, (arg, xpad.shape, x.shape, au, av)
+        out, arg, where = self._winners(xpad, ho, wo)
+        return out, (arg, where, xpad.shape, x.shape)
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
-        arg, padded_shape, (_, _, h, w) = cache[:3]
-        if len(cache) == 3:                                   # gathered windows
-            ho, wo = dout.shape[2:]
-            shape, strides = _windows(padded_shape, self.size, self.stride, ho, wo)
-            win_index = flat_index(xp, shape, strides).reshape(shape[:4] + (self.size ** 2,))
-            where = xp.take_along_axis(win_index, arg[..., None], axis=-1)
-            dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
-            scatter_add(dxpad, where, dout)
-            return dxpad[:, :, :h, :w], None
-        au, av = cache[3:]
-        ho, wo = dout.shape[2:]
-        dm = xp.zeros(av.shape, dtype=dout.dtype)             # derivative w.r.t. m
-        for u in range(self.size):
-            self._rows(dm, u, ho)[...] += xp.where(au == u, dout, 0)
+        _, where, padded_shape, (_, _, h, w) = cache
         dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
-        for v in range(self.size):
-            self._cols(dxpad, v, wo)[...] += xp.where(av == v, dm, 0)
+        scatter_add(dxpad, where, dout)
         return dxpad[:, :, :h, :w], None
 
     def infer(self, x, W=None, ctx=None):
@@ -176,47 +165,37 @@ class MaxPool2d(_Pool):
         xpad = _pad(x, 0, eh, ew, -xp.inf)
         if few_launches(xp):
             return xp.max(_gather_windows(xpad, self.size, self.stride, ho, wo), axis=-1)
-        m = None
-        for v in range(self.size):
-            c = self._cols(xpad, v, wo)
-            m = c.copy() if m is None else xp.maximum(m, c, out=m)
-        best = None
-        for u in range(self.size):
-            c = self._rows(m, u, ho)
-            best = c.copy() if best is None else xp.maximum(best, c, out=best)
-        return best
+        m = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)], xp.maximum)
+        return _sum_views([self._rows(m, u, ho) for u in range(self.size)], xp.maximum)
 
     def jvp(self, dx, cache, W=None, dW=None):
         xp = get_xp(dx)
-        arg, padded_shape = cache[:2]
-        _, _, hp, wp = padded_shape
-        h, w = dx.shape[2:]
+        _, where, (_, _, hp, wp), (_, _, h, w) = cache
         dxpad = _pad(dx, 0, hp - h, wp - w, 0.0)
-        ho, wo = arg.shape[2:]
-        if len(cache) == 3:
-            win = _gather_windows(dxpad, self.size, self.stride, ho, wo)
-            return xp.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
-        au, av = cache[3:]
-        dm = None
-        for v in range(self.size):
-            c = xp.where(av == v, self._cols(dxpad, v, wo), 0)
-            dm = c if dm is None else dm + c
-        out = None
-        for u in range(self.size):
-            c = xp.where(au == u, self._rows(dm, u, ho), 0)
-            out = c if out is None else out + c
-        return out.astype(dx.dtype, copy=False)
+        return xp.take(dxpad.reshape(-1), where)
 
 
-def _sum_views(views):
-    """Sum of equally shaped views into a new array: len(views) - 1 launches (one copy for a
-    single view)."""
-    xp = get_xp(views[0])
+def _first_index(views, best):
+    """Index (int8) of the first of ``views`` equal to ``best`` (their elementwise max): the
+    number of leading views that miss it, with compare/and/add on bytes only."""
+    xp = get_xp(best)
+    miss = views[0] != best
+    first = miss.astype(xp.int8)
+    for v in views[1:-1]:
+        miss &= v != best
+        first += miss
+    return first
+
+
+def _sum_views(views, op=None):
+    """Sum (or ``op``, e.g. maximum) of equally shaped views into a new array: len(views) - 1
+    launches (one copy for a single view)."""
+    op = get_xp(views[0]).add if op is None else op
     if len(views) == 1:
         return views[0].copy()
-    out = xp.add(views[0], views[1])
+    out = op(views[0], views[1])
     for v in views[2:]:
-        xp.add(out, v, out=out)
+        op(out, v, out=out)
     return out
 
 
