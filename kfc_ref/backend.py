@@ -143,21 +143,28 @@ _INDEX_CACHE: dict = {}
 _INDEX_CACHE_SIZE = 64
 
 
+def cached_index(xp, key: tuple, build):
+    """The integer array ``build()`` (a host NumPy array) on the device of namespace ``xp``,
+    built and uploaded once per (namespace, key): index tables of the gathers and scatters."""
+    full_key = (id(xp),) + tuple(key)
+    index = _INDEX_CACHE.get(full_key)
+    if index is None:
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        index = _INDEX_CACHE[full_key] = xp.asarray(_np.ascontiguousarray(build()))
+    return index
+
+
 def flat_index(xp, shape: tuple, strides: tuple, offset: int = 0):
     """Integer array of ``shape`` whose entry at i is ``offset + sum_k i_k * strides[k]``: the
-    flat (element) positions a strided window view reads.  Built on the host once per
-    (namespace, shape, strides, offset) and kept on the device."""
-    key = (id(xp), tuple(shape), tuple(strides), int(offset))
-    index = _INDEX_CACHE.get(key)
-    if index is None:
+    flat (element) positions a strided window view reads (cached, see :func:`cached_index`)."""
+    def build():
         host = _np.full((1,) * len(shape), offset, dtype=_np.int64)
         for axis, (n, s) in enumerate(zip(shape, strides)):
             step = _np.arange(n, dtype=_np.int64) * s
             host = host + step.reshape((1,) * axis + (n,) + (1,) * (len(shape) - axis - 1))
-        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
-            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
-        index = _INDEX_CACHE[key] = xp.asarray(_np.ascontiguousarray(host))
-    return index
+        return host
+    return cached_index(xp, ("strided", tuple(shape), tuple(strides), int(offset)), build)
 
 
 def _is_c_contiguous(a) -> bool:

@@ -25,8 +25,8 @@ import math
 
 import numpy as _host_np  # host-side border counts only
 
-from kfc_ref.backend import asarray_like, few_launches, flat_index, get_xp, scatter_add, \
-    strided_gather
+from kfc_ref.backend import asarray_like, cached_index, few_launches, flat_index, get_xp, \
+    scatter_add, strided_gather
 from kfc_ref.nn.layers import Layer, _check_rank
 from kfc_ref.validate import check_int, check_number
 
@@ -43,9 +43,11 @@ def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
 
 def _pad(x, top_left: int, bottom_right_h: int, bottom_right_w: int, value: float):
     """Pad the two trailing axes (``top_left`` before, the others after) with ``value``; a
-    C-contiguous copy (also when nothing is padded, so gathers can read it)."""
+    C-contiguous copy (``x`` itself when nothing is padded and it is C-contiguous)."""
     xp = get_xp(x)
     a, b, h, w = x.shape
+    if top_left == bottom_right_h == bottom_right_w == 0 and x.flags.c_contiguous:
+        return x
     out = xp.full((a, b, h + top_left + bottom_right_h, w + top_left + bottom_right_w), value,
                   dtype=x.dtype)
     out[:, :, top_left:top_left + h, top_left:top_left + w] = x
@@ -59,21 +61,24 @@ def _windows(padded_shape, size: int, stride: int, ho: int, wo: int):
     return (a, b, ho, wo, size, size), (b * hp * wp, hp * wp, stride * wp, stride, wp, 1)
 
 
-def _gather_windows(xpad, size, stride, ho, wo):
-    """Every window as a C-contiguous (A, B, Ho, Wo, size*size) array (one gather)."""
-    shape, strides = _windows(xpad.shape, size, stride, ho, wo)
-    return strided_gather(xpad, shape, strides).reshape(shape[:4] + (size * size,))
+def _clamped_windows(xp, in_shape, size: int, stride: int, ho: int, wo: int):
+    """Flat positions (A, B, Ho, Wo, size*size) of every window cell in a C-contiguous
+    (A, B, H, W) input, rows and columns past the border clamped to the last one (a partial
+    window reads a duplicate of one of its own cells, which never changes a max and never
+    comes first in row-major order), and the host mask (Ho, Wo, size*size) of the real cells.
+    No padded copy is needed."""
+    a, b, h, w = in_shape
+    r = _host_np.arange(ho)[:, None] * stride + _host_np.arange(size)[None, :]   # (Ho, k)
+    c = _host_np.arange(wo)[:, None] * stride + _host_np.arange(size)[None, :]   # (Wo, k)
+    valid = ((r < h)[:, None, :, None] & (c < w)[None, :, None, :]).reshape(ho, wo, -1)
 
-
-def _scatter_windows(values, padded_shape, size, stride, dtype):
-    """Adjoint of :func:`_gather_windows`: (A, B, Ho, Wo, size*size) values summed onto a zero
-    (A, B, Hp, Wp) array (one scatter-add)."""
-    xp = get_xp(values)
-    out = xp.zeros(padded_shape, dtype=dtype)
-    ho, wo = values.shape[2:4]
-    shape, strides = _windows(padded_shape, size, stride, ho, wo)
-    scatter_add(out, flat_index(xp, shape, strides), values)
-    return out
+    def build():
+        within = (_host_np.minimum(r, h - 1)[:, None, :, None] * w
+                  + _host_np.minimum(c, w - 1)[None, :, None, :]).reshape(ho, wo, -1)
+        maps = _host_np.arange(a * b, dtype=_host_np.int64).reshape(a, b, 1, 1, 1) * (h * w)
+        return maps + within[None, None]
+    return cached_index(xp, ("clamped-windows", tuple(in_shape), size, stride, ho, wo),
+                        build), valid
 
 
 class _Pool(Layer):
@@ -123,16 +128,11 @@ class MaxPool2d(_Pool):
     """
 
     def _winners(self, xpad, ho, wo):
-        """(out, offset u*size + v*, flat position in ``xpad``) of each window's first max."""
+        """(out, offset u*size + v*, flat position in ``xpad``) of each window's first max,
+        by separable passes (NumPy)."""
         xp = get_xp(xpad)
         k, wp = self.size, xpad.shape[3]
         shape, strides = _windows(xpad.shape, k, self.stride, ho, wo)
-        if few_launches(xp):
-            win = _gather_windows(xpad, k, self.stride, ho, wo)
-            arg = xp.argmax(win, axis=-1)
-            index = flat_index(xp, shape, strides).reshape(shape[:4] + (k * k,))
-            where = xp.take_along_axis(index, arg[..., None], axis=-1)[..., 0]
-            return xp.max(win, axis=-1), arg, where
         m = _sum_views([self._cols(xpad, v, wo) for v in range(k)], xp.maximum)
         out = _sum_views([self._rows(m, u, ho) for u in range(k)], xp.maximum)
         av = _first_index([self._cols(xpad, v, wo) for v in range(k)], m)
@@ -148,6 +148,13 @@ class MaxPool2d(_Pool):
     def forward(self, x, W=None, ctx=None):
         xp = get_xp(x)
         ho, wo, eh, ew = self._geometry(x)
+        if few_launches(xp):          # one gather of the clamped windows, one argmax
+            index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
+            xc = _pad(x, 0, 0, 0, 0.0)
+            win = xp.take(xc.reshape(-1), index)
+            arg = xp.argmax(win, axis=-1)
+            where = xp.take_along_axis(index, arg[..., None], axis=-1)[..., 0]
+            return xp.max(win, axis=-1), (arg, where, x.shape, x.shape)
         xpad = _pad(x, 0, eh, ew, -xp.inf)
         out, arg, where = self._winners(xpad, ho, wo)
         return out, (arg, where, xpad.shape, x.shape)
@@ -162,9 +169,10 @@ class MaxPool2d(_Pool):
     def infer(self, x, W=None, ctx=None):
         xp = get_xp(x)
         ho, wo, eh, ew = self._geometry(x)
-        xpad = _pad(x, 0, eh, ew, -xp.inf)
         if few_launches(xp):
-            return xp.max(_gather_windows(xpad, self.size, self.stride, ho, wo), axis=-1)
+            index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
+            return xp.max(xp.take(_pad(x, 0, 0, 0, 0.0).reshape(-1), index), axis=-1)
+        xpad = _pad(x, 0, eh, ew, -xp.inf)
         m = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)], xp.maximum)
         return _sum_views([self._rows(m, u, ho) for u in range(self.size)], xp.maximum)
 
@@ -221,46 +229,57 @@ class AvgPool2d(_Pool):
             self._count_cache[key] = counts
         return counts
 
-    def _window_sums(self, x, ho, wo, eh, ew):
+    def _weights(self, like, h, w, ho, wo):
+        """1/count at the real cells of each clamped window, 0 at the duplicates:
+        (Ho, Wo, size*size), on the device of ``like``, once per input size."""
+        xp = get_xp(like)
+        key = ("weights", id(xp), str(like.dtype), h, w)
+        weights = self._count_cache.get(key)
+        if weights is None:
+            _, valid = _clamped_windows(xp, (1, 1, h, w), self.size, self.stride, ho, wo)
+            weights = asarray_like(valid / valid.sum(axis=-1, keepdims=True), like)
+            self._count_cache[key] = weights
+        return weights
+
+    def _average(self, x, ho, wo, eh, ew):
+        """Window means of ``x``: on NumPy separable sums over the zero-padded input divided
+        by the counts; elsewhere one gather of the clamped windows and a weighted sum."""
         xp = get_xp(x)
-        xpad = _pad(x, 0, eh, ew, 0.0)
+        h, w = x.shape[2:]
         if few_launches(xp):
-            return xp.sum(_gather_windows(xpad, self.size, self.stride, ho, wo), axis=-1)
+            index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
+            win = xp.take(_pad(x, 0, 0, 0, 0.0).reshape(-1), index)
+            return xp.sum(win * self._weights(x, h, w, ho, wo), axis=-1)
+        xpad = _pad(x, 0, eh, ew, 0.0)
         r = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)])
-        return _sum_views([self._rows(r, u, ho) for u in range(self.size)])
+        out = _sum_views([self._rows(r, u, ho) for u in range(self.size)])
+        out /= self._counts(x, h, w, ho, wo)
+        return out
 
     def forward(self, x, W=None, ctx=None):
         ho, wo, eh, ew = self._geometry(x)
-        counts = self._counts(x, x.shape[2], x.shape[3], ho, wo)
-        out = self._window_sums(x, ho, wo, eh, ew)
-        out /= counts
-        return out, (x.shape, eh, ew, counts)
+        return self._average(x, ho, wo, eh, ew), (x.shape, eh, ew, (ho, wo))
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
-        (a, b, h, w), eh, ew, counts = cache
-        ho, wo = dout.shape[2:]
-        g = dout / counts
-        padded = (a, b, h + eh, w + ew)
-        if few_launches(xp):
-            spread = xp.broadcast_to(g[..., None], g.shape + (self.size ** 2,))
-            dxpad = _scatter_windows(xp.ascontiguousarray(spread), padded, self.size,
-                                     self.stride, dout.dtype)
-            return dxpad[:, :, :h, :w], None
+        (a, b, h, w), eh, ew, (ho, wo) = cache
+        if few_launches(xp):          # adjoint of the weighted gather: one scatter-add
+            index, _ = _clamped_windows(xp, (a, b, h, w), self.size, self.stride, ho, wo)
+            dx = xp.zeros((a, b, h, w), dtype=dout.dtype)
+            scatter_add(dx, index, dout[..., None] * self._weights(dout, h, w, ho, wo))
+            return dx, None
+        g = dout / self._counts(dout, h, w, ho, wo)
         dr = xp.zeros((a, b, h + eh, wo), dtype=dout.dtype)
         for u in range(self.size):
             self._rows(dr, u, ho)[...] += g
-        dxpad = xp.zeros(padded, dtype=dout.dtype)
+        dxpad = xp.zeros((a, b, h + eh, w + ew), dtype=dout.dtype)
         for v in range(self.size):
             self._cols(dxpad, v, wo)[...] += dr
         return dxpad[:, :, :h, :w], None
 
     def jvp(self, dx, cache, W=None, dW=None):
-        _, eh, ew, counts = cache
-        ho, wo = counts.shape[2:]
-        out = self._window_sums(dx, ho, wo, eh, ew)
-        out /= counts
-        return out
+        _, eh, ew, (ho, wo) = cache
+        return self._average(dx, ho, wo, eh, ew)
 
 
 class ResponseNorm(Layer):
@@ -288,14 +307,29 @@ class ResponseNorm(Layer):
         buf = xp.zeros((a, b, h + 2 * lo, w + 2 * lo), dtype=z.dtype)
         return buf, buf[:, :, lo:lo + h, lo:lo + w]
 
-    def _box(self, buf, h, w, transpose=False):
-        """Sum over the window around each cell (or the transposed window) of the field held
-        in the interior of ``buf`` (from :meth:`_padded`): separable, 2(size-1) additions."""
+    def _box(self, buf, h, w, transpose=False, weight: float = 1.0):
+        """``weight`` times the sum over the window around each cell (or the transposed
+        window) of the field held in the interior of ``buf`` (from :meth:`_padded`).  NumPy:
+        separable, 2(size-1) additions and a scaling; elsewhere one gather of every window and
+        one product with the constant weight vector."""
+        xp = get_xp(buf)
         lo = self.size // 2
         offsets = range(-lo, self.size - lo)
         starts = [lo - d if transpose else lo + d for d in offsets]
+        if few_launches(xp):
+            first, wp = min(starts), buf.shape[3]
+            a, b, hp, _ = buf.shape
+            shape = (a, b, h, w, self.size, self.size)
+            strides = (b * hp * wp, hp * wp, wp, 1, wp, 1)
+            win = strided_gather(buf, shape, strides, offset=first * wp + first)
+            ones = cached_index(xp, ("box", self.size, weight, str(buf.dtype)),
+                                lambda: _host_np.full(self.size ** 2, weight, buf.dtype))
+            return win.reshape(a, b, h, w, -1) @ ones
         r = _sum_views([buf[:, :, :, s:s + w] for s in starts])
-        return _sum_views([r[:, :, s:s + h] for s in starts])
+        out = _sum_views([r[:, :, s:s + h] for s in starts])
+        if weight != 1.0:
+            out *= weight
+        return out
 
     def forward(self, x, W=None, ctx=None):
         _check_rank(x, 4, "ResponseNorm")
@@ -303,14 +337,10 @@ class ResponseNorm(Layer):
         c = self.scale / self.size ** 2
         buf, inner = self._padded(x)
         xp.multiply(x, x, out=inner)
-        denom = self._box(buf, *x.shape[2:])
-        denom *= c
+        denom = self._box(buf, *x.shape[2:], weight=c)
         denom += 1
         scale = denom ** (-self.power)
         return x * scale, (x, denom, scale)
-
-    def infer(self, x, W=None, ctx=None):
-        return self.forward(x, W, ctx)[0]
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
@@ -320,9 +350,8 @@ class ResponseNorm(Layer):
         buf, inner = self._padded(x)
         xp.multiply(g, x, out=inner)
         inner /= denom
-        t = self._box(buf, *x.shape[2:], transpose=True)
+        t = self._box(buf, *x.shape[2:], transpose=True, weight=2 * c * self.power)
         t *= x
-        t *= 2 * c * self.power
         g -= t
         return g, None
 
@@ -332,9 +361,8 @@ class ResponseNorm(Layer):
         c = self.scale / self.size ** 2
         buf, inner = self._padded(x)
         xp.multiply(x, dx, out=inner)
-        t = self._box(buf, *x.shape[2:])
+        t = self._box(buf, *x.shape[2:], weight=2 * c * self.power)
         t *= x
         t *= scale
         t /= denom
-        t *= 2 * c * self.power
         return dx * scale - t
