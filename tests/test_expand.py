@@ -70,3 +70,44 @@ def test_bad_geometry_is_rejected_with_the_argument_named(kwargs, match):
 def test_kernel_larger_than_padded_input_is_rejected():
     with pytest.raises(ValueError, match="larger than the padded input 4x4"):
         ConvGeometry(5, 5, padding=1).output_shape(2, 2)
+
+
+# ---------------------------------------------------------------- the fast kernels' own twins
+from kfc_ref.backend import to_numpy                                      # noqa: E402
+from kfc_ref.nn.expand import col2im_matrix, im2col_matrix, im2col_matrix_slices  # noqa: E402
+from guarded_xp import asguarded                                          # noqa: E402
+
+
+@given(conv_cases(), seeds)
+def test_one_gather_equals_the_slice_loop_in_both_layouts(case, seed):
+    """im2col as one strided gather (NumPy's as_strided, the guarded namespace's take of a
+    cached index) equals the |Delta| slice copies, bit for bit, for (N, J, H, W) input and
+    for the network's channel-major (J, N, H, W) input."""
+    geom = _geom(case)
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    for cm, arr in ((False, x), (True, np.ascontiguousarray(x.transpose(1, 0, 2, 3)))):
+        twin = im2col_matrix_slices(arr, geom, channel_major=cm)
+        np.testing.assert_array_equal(im2col_matrix(arr, geom, channel_major=cm), twin)
+        np.testing.assert_array_equal(
+            to_numpy(im2col_matrix(asguarded(arr), geom, channel_major=cm)), twin)
+
+
+@given(conv_cases(), seeds)
+def test_col2im_scatter_equals_the_slice_loop(case, seed):
+    """col2im as one scatter-add (np.add.at here, a weighted bincount on the guarded
+    namespace, cupyx.scatter_add on CuPy) equals the slice-add loop; both are the adjoint."""
+    geom = _geom(case)
+    ho, wo = geom.output_shape(case["h"], case["w"])
+    shape_cm = (case["j"], case["n"], case["h"], case["w"])
+    y = normal(seed, case["j"] * geom.num_offsets, case["n"] * ho * wo)
+    slices = col2im_matrix(y, shape_cm, geom, method="slices")
+    np.testing.assert_allclose(col2im_matrix(y, shape_cm, geom, method="scatter"), slices,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    np.testing.assert_allclose(to_numpy(col2im_matrix(asguarded(y), shape_cm, geom)), slices,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+
+
+def test_col2im_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="method='loop' is not allowed"):
+        col2im_matrix(np.zeros((9, 4)), (1, 1, 2, 2), ConvGeometry(3, 3, padding=1),
+                      method="loop")

@@ -46,9 +46,15 @@ def _check_rank(x, rank: int, layer: str):
 
 
 class Layer:
-    """Base class: a layer without parameters."""
+    """Base class: a layer without parameters.
+
+    ``channel_major``: the layer accepts (C, N, H, W) activations when ``ctx.channel_major``
+    (all layers of kfc_ref do; a layer written for (N, C, H, W) only, e.g. one that mixes
+    channels on axis 1, keeps the default False and :class:`Sequential` then runs the whole
+    network in the public layout)."""
 
     has_params = False
+    channel_major = False
 
     def output_shape(self, in_shape: tuple) -> tuple:
         return tuple(in_shape)
@@ -101,6 +107,8 @@ class Conv2d(Layer):
     Shapes: x (N, J, H, W) -> s (N, I, Ho, Wo); |T| = Ho*Wo.  All products are single GEMMs
     over the N|T| columns of [[A]]^T.
     """
+
+    channel_major = True
 
     has_params = True
 
@@ -218,6 +226,8 @@ class Dense(Layer):
     Parameter W_bar: (I, 1 + J).  Shapes: x (N, J) -> s (N, I).
     """
 
+    channel_major = True
+
     has_params = True
 
     def __init__(self, in_features: int, out_features: int, init_std: float | None = None):
@@ -278,6 +288,8 @@ class Dense(Layer):
 class ReLU(Layer):
     """phi(s) = max(s, 0); derivative 1[s > 0] (0 at s = 0).  The cache is the mask."""
 
+    channel_major = True
+
     def forward(self, x, W=None, ctx=None):
         return get_xp(x).maximum(x, 0), x > 0
 
@@ -290,6 +302,8 @@ class ReLU(Layer):
 
 class Tanh(Layer):
     """phi(s) = tanh(s); derivative 1 - tanh(s)^2 (smooth: used by exact tests)."""
+
+    channel_major = True
 
     def forward(self, x, W=None, ctx=None):
         y = get_xp(x).tanh(x)
@@ -305,6 +319,8 @@ class Tanh(Layer):
 class Identity(Layer):
     """phi(s) = s (a linear layer; Theorem 1 tests use it)."""
 
+    channel_major = True
+
     def forward(self, x, W=None, ctx=None):
         return x, None
 
@@ -319,6 +335,8 @@ class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), C-order.  With ``ctx.channel_major`` the input is
     (C, N, H, W) and the output is the same (N, C*H*W) matrix: the network's one conversion
     back from the channel-major layout."""
+
+    channel_major = True
 
     def output_shape(self, in_shape):
         size = 1
@@ -351,6 +369,8 @@ class Dropout(Layer):
     """Inverted dropout: in training, keep each unit with probability 1 - rate and scale by
     1/(1 - rate); identity at evaluation.  The mask is drawn from ``ctx.rng`` (a NumPy
     Generator), so a seed fixes it on every device."""
+
+    channel_major = True
 
     def __init__(self, rate: float):
         self.rate = check_number("Dropout: rate", rate, minimum=0.0, maximum=1.0,

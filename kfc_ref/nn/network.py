@@ -83,6 +83,9 @@ class Sequential:
             shape = layer.output_shape(shape)
             self.shapes.append(shape)
         self.param_layers = [i for i, layer in enumerate(self.layers) if layer.has_params]
+        #: spatial activations run channel-major when every layer supports it
+        self.channel_major = all(getattr(layer, "channel_major", False)
+                                 for layer in self.layers)
 
     # ---------------------------------------------------------------- parameters
     def init(self, seed=0, dtype: str = "float32", device: str = "cpu") -> list:
@@ -146,6 +149,9 @@ class Sequential:
         if not bool(xp.all(xp.isfinite(x))):
             raise ValueError("x contains NaN or inf values")
 
+    def _channel_major_for(self, x) -> bool:
+        return self.channel_major and x.ndim == 4
+
     # ---------------------------------------------------------------- passes
     def forward(self, params, x, *, train: bool = False, rng=None, check: bool = True) -> Tape:
         """Run all layers; returns a Tape with the logits (N, C) and every layer's cache.
@@ -158,7 +164,7 @@ class Sequential:
         self._check_params(params)
         if check:
             self._check_input(x)
-        cm = x.ndim == 4
+        cm = self._channel_major_for(x)
         ctx = Context(train=train, rng=rng, channel_major=cm)
         caches, h = [], _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
@@ -170,7 +176,7 @@ class Sequential:
         """Logits (N, C) in evaluation mode without a tape: caches are dropped layer by layer
         (no input checks; :meth:`predict_logits` is the chunked, public entry point)."""
         self._check_params(params)
-        cm = x.ndim == 4
+        cm = self._channel_major_for(x)
         ctx = Context(channel_major=cm)
         h = _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
@@ -258,7 +264,7 @@ class Sequential:
     def layer_inputs(self, params, x) -> list:
         """The input of every layer (evaluation mode): inputs[l] has shape (N, *shapes[l])."""
         self._check_params(params)
-        cm = x.ndim == 4
+        cm = self._channel_major_for(x)
         ctx = Context(channel_major=cm)
         inputs, h = [], _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
@@ -289,7 +295,7 @@ class stage_runner:
 
     def __init__(self, net: Sequential, params, x):
         self.net, self.params = net, params
-        cm = x.ndim == 4
+        cm = net._channel_major_for(x)
         self.tape = Tape(None, [], tuple(x.shape), cm)
         self.ctx = Context(channel_major=cm)
         self.h = _swap_leading(x, cm)

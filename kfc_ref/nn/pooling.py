@@ -82,6 +82,8 @@ def _clamped_windows(xp, in_shape, size: int, stride: int, ho: int, wo: int):
 
 
 class _Pool(Layer):
+    channel_major = True
+
     def __init__(self, size: int, stride: int | None = None, ceil_mode: bool = False):
         stride = size if stride is None else stride
         name = type(self).__name__
@@ -291,6 +293,8 @@ class ResponseNorm(Layer):
     dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).  The box sum is separable (a
     1-D sum over columns, then over rows) on every namespace.
     """
+
+    channel_major = True
 
     def __init__(self, size: int = 3, scale: float = 5e-5, power: float = 0.75):
         self.size = check_int("ResponseNorm: size", size, minimum=1)
