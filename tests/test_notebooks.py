@@ -41,6 +41,7 @@ def test_committed_notebooks_match_the_generator(tmp_path):
             assert not cell.get("outputs"), f"{os.path.basename(path)} has committed outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_in_quick_mode(path, monkeypatch):
     monkeypatch.setenv("KFC_REF_QUICK", "1")
