@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from kfc_ref.nn.expand import ConvGeometry, col2im, expand_homogeneous, im2col, output_size
+from kfc_ref.backend import to_numpy
+from kfc_ref.nn.expand import (ConvGeometry, col2im, col2im_matrix, expand_homogeneous, im2col,
+                             im2col_matrix, im2col_matrix_slices, output_size)
 from kfc_ref.nn.loops import im2col_loops
+from guarded_xp import asguarded
 from strategies import conv_cases, seeds, normal
 
 # Both sides sum the same float64 products in a different order: the difference is at most
@@ -73,9 +76,6 @@ def test_kernel_larger_than_padded_input_is_rejected():
 
 
 # ---------------------------------------------------------------- the fast kernels' own twins
-from kfc_ref.backend import to_numpy                                      # noqa: E402
-from kfc_ref.nn.expand import col2im_matrix, im2col_matrix, im2col_matrix_slices  # noqa: E402
-from guarded_xp import asguarded                                          # noqa: E402
 
 
 @given(conv_cases(), seeds)

@@ -7,10 +7,12 @@ cost 729 launches (one per kernel offset in im2col, col2im and the pools).
 """
 import numpy as np
 import pytest
-
 from guarded_xp import asguarded, counting
+
+from kfc_ref.nn.layers import Conv2d, Dense, Flatten, ReLU
 from kfc_ref.nn.losses import softmax_cross_entropy
 from kfc_ref.nn.models import cifar10_convnet
+from kfc_ref.nn.network import Sequential
 from kfc_ref.optim import make_optimizer
 
 #: issue 12's target for one SGD step of the CIFAR-10 net (forward, loss, backward, update)
@@ -48,11 +50,9 @@ def test_sgd_step_fits_the_launch_budget(cifar):
 def test_launches_do_not_grow_with_the_kernel_size(cifar):
     """One gather per im2col and one scatter per col2im: a forward+backward pass costs the
     same number of launches for 3x3 and 5x5 kernels (the slice loops grew with |Delta|)."""
-    net, params, x, y = cifar
+    _, _, x, y = cifar
 
     def count(kernel):
-        from kfc_ref.nn.layers import Conv2d, Flatten, Dense, ReLU
-        from kfc_ref.nn.network import Sequential
         small = Sequential([Conv2d(3, 4, kernel, padding=kernel // 2), ReLU(),
                             Conv2d(4, 4, kernel, padding=kernel // 2), Flatten(),
                             Dense(4 * 32 * 32, 10)], (3, 32, 32))

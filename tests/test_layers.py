@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
 from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
 from kfc_ref.nn.loops import conv2d_loops, pool_loops, response_norm_loops
 from finite_differences import assert_vjp_matches
+from guarded_xp import asguarded
 from strategies import conv_cases, distinct, normal, pool_cases, seeds
 
 # Same float64 products summed in another order (fast GEMM vs loops).
@@ -118,8 +120,6 @@ def test_flatten_and_dropout():
 
 
 # ---------------------------------------------------------------- NumPy path vs few-launch path
-from kfc_ref.backend import to_numpy                                      # noqa: E402
-from guarded_xp import asguarded                                          # noqa: E402
 
 
 def _first_maximiser_loops(x, size, stride, ceil_mode):

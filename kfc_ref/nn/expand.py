@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kfc_ref.backend import few_launches, flat_index, get_xp, scatter_add, strided_gather
+from kfc_ref.backend import (
+    few_launches,
+    flat_index,
+    get_xp,
+    scatter_add,
+    strided_gather,
+)
 from kfc_ref.validate import check_choice, check_int
 
 

@@ -25,8 +25,15 @@ import math
 
 import numpy as _host_np  # host-side border counts only
 
-from kfc_ref.backend import asarray_like, cached_index, few_launches, flat_index, get_xp, \
-    scatter_add, strided_gather
+from kfc_ref.backend import (
+    asarray_like,
+    cached_index,
+    few_launches,
+    flat_index,
+    get_xp,
+    scatter_add,
+    strided_gather,
+)
 from kfc_ref.nn.layers import Layer, _check_rank
 from kfc_ref.validate import check_int, check_number
 

@@ -71,7 +71,7 @@ def profile_stages(net, params, x, y, repeats: int) -> dict:
         run = stage_runner(net, params, x)
         for i, layer in enumerate(net.layers):
             record(f"{i:2d} {type(layer).__name__} fwd", run.forward_next)
-        _, dlogits = record("loss", lambda: softmax_cross_entropy(run.output(), y))
+        _, dlogits = record("loss", lambda run=run: softmax_cross_entropy(run.output(), y))
         run.start_backward(dlogits)
         for i in range(len(net.layers) - 1, -1, -1):
             record(f"{i:2d} {type(net.layers[i]).__name__} bwd", run.backward_next)
