@@ -144,3 +144,29 @@ def test_channel_major_engine_keeps_the_public_conventions():
         if dd is not None or dW is not None:
             dd = layer.jvp(dd, cache, W, dW)
     np.testing.assert_allclose(jv, dd, rtol=1e-10, atol=1e-14)
+
+
+def test_a_layer_written_for_nchw_only_keeps_the_network_in_the_public_layout():
+    """A custom layer that does not declare ``channel_major`` (it may read axis 1 as the
+    channels) makes Sequential run every layer on (N, C, H, W) arrays."""
+    from kfc_ref.nn.layers import Layer
+
+    class ChannelScale(Layer):              # scales channel c by c + 1: needs axis 1 = C
+        def forward(self, x, W=None, ctx=None):
+            scale = np.arange(1, x.shape[1] + 1).reshape(1, -1, 1, 1)
+            return x * scale, scale
+
+        def backward(self, dout, cache, W=None):
+            return dout * cache, None
+
+    net = Sequential([Conv2d(2, 3, 3, padding=1), ChannelScale(), Flatten(), Dense(27, 2)],
+                     (2, 3, 3))
+    assert not net.channel_major and every_layer_net().channel_major
+    params = net.init(0, "float64")
+    x = np.random.default_rng(0).normal(size=(2, 2, 3, 3))
+    tape = net.forward(params, x)
+    assert not tape.channel_major
+    h = x
+    for layer, W in zip(net.layers, params):
+        h, _ = layer.forward(h, W)
+    np.testing.assert_allclose(tape.output, h, rtol=1e-12)
