@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 
 from kfc_ref.backend import to_numpy
-from kfc_ref.nn.expand import (ConvGeometry, col2im, col2im_matrix, expand_homogeneous, im2col,
+from kfc_ref.nn.expand import (ConvGeometry, col2im, col2im_matrix, col2im_of_product,
+                             expand_homogeneous, im2col,
                              im2col_matrix, im2col_matrix_slices, output_size)
 from kfc_ref.nn.loops import im2col_loops
 from guarded_xp import asguarded
@@ -111,3 +112,20 @@ def test_col2im_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="method='loop' is not allowed"):
         col2im_matrix(np.zeros((9, 4)), (1, 1, 2, 2), ConvGeometry(3, 3, padding=1),
                       method="loop")
+
+
+@given(conv_cases(), seeds)
+def test_per_offset_input_gradient_equals_col2im_of_the_product(case, seed):
+    """NumPy's fused input gradient (one GEMM per offset, added into its slice) and the
+    few-launch one (guarded: one GEMM, one scatter-add) both equal col2im(W^T DS^T)."""
+    geom = _geom(case)
+    ho, wo = geom.output_shape(case["h"], case["w"])
+    shape_cm = (case["j"], case["n"], case["h"], case["w"])
+    W = normal(seed, case["i"], case["j"] * geom.num_offsets)
+    ds = normal(seed + 1, case["i"], case["n"] * ho * wo)
+    ref = col2im_matrix(W.T @ ds, shape_cm, geom, method="slices")
+    np.testing.assert_allclose(col2im_of_product(W, ds, shape_cm, geom), ref,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    np.testing.assert_allclose(to_numpy(col2im_of_product(asguarded(W), asguarded(ds),
+                                                          shape_cm, geom)), ref,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)

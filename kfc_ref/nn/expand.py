@@ -209,6 +209,31 @@ def col2im_matrix(matrix, input_shape_cm: tuple, geom: ConvGeometry, method: str
     return out[:, :, p:p + h, p:p + w] if p else out
 
 
+def col2im_of_product(weights, ds, input_shape_cm: tuple, geom: ConvGeometry):
+    """col2im(W^T DS^T) (Eq. 27: the input gradient of a conv) for W (I, J*|Delta|) and DS^T
+    (I, N*|T|), onto a (J, N, H, W) grid.
+
+    Few-launch namespaces: one GEMM and one scatter-add (:func:`col2im_matrix`).  NumPy: one
+    (J x I)(I x N|T|) GEMM per kernel offset, added into its slice while the block is still in
+    cache, which avoids writing and re-reading the whole (J|Delta|, N|T|) matrix (~1.3x faster
+    on the CIFAR-10 net's second conv); the sums are the same.
+    """
+    xp = get_xp(weights, ds)
+    if few_launches(xp):
+        return col2im_matrix(weights.T @ ds, input_shape_cm, geom)
+    j, n, h, w = input_shape_cm
+    ho, wo = geom.output_shape(h, w)
+    p = geom.padding
+    out = xp.zeros((j, n, h + 2 * p, w + 2 * p), dtype=ds.dtype)
+    per_offset = weights.reshape(weights.shape[0], j, geom.num_offsets)
+    for u in range(geom.kh):
+        for v in range(geom.kw):
+            rows, cs = _offset_slices(geom, u, v, ho, wo)
+            block = per_offset[:, :, u * geom.kw + v].T @ ds             # (J, N|T|)
+            out[:, :, rows, cs] += block.reshape(j, n, ho, wo)
+    return out[:, :, p:p + h, p:p + w] if p else out
+
+
 def col2im(cols, input_shape: tuple[int, int, int, int], geom: ConvGeometry,
            method: str | None = None):
     """Adjoint of :func:`im2col`: sum (N, |T|, J*|Delta|) patch entries (any memory layout) back

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as _host_np  # host-side initialisation and dropout masks only (seeded Generators)
 
 from kfc_ref.backend import asarray_like, get_xp
-from kfc_ref.nn.expand import ConvGeometry, col2im_matrix, im2col_matrix, patches_view
+from kfc_ref.nn.expand import ConvGeometry, col2im_of_product, im2col_matrix, patches_view
 from kfc_ref.validate import check_int, check_number
 
 
@@ -201,10 +201,9 @@ class Conv2d(Layer):
         dW = xp.concatenate([xp.sum(ds, axis=1)[:, None], (A @ ds.T).T], axis=1)
         if not input_grad:
             return None, dW
-        dA = W[:, 1:].T @ ds                          # (J|Delta|, N|T|)
         shape = cache.input_shape
         shape_cm = shape if cache.channel_major else (shape[1], shape[0]) + tuple(shape[2:])
-        dx = col2im_matrix(dA, shape_cm, self.geom)
+        dx = col2im_of_product(W[:, 1:], ds, shape_cm, self.geom)      # col2im(W^T DS^T)
         return (dx if cache.channel_major else dx.transpose(1, 0, 2, 3)), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
