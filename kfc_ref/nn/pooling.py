@@ -12,10 +12,13 @@ Each window reduction has two formulations, chosen by :func:`kfc_ref.backend.few
 * on NumPy, *separable* passes: a size x size window is a 1-D reduction over columns, then over
   rows (2(size-1) strided slice operations instead of size^2; max-pool tracks the winner of
   each pass, its backward routes the derivative back through the two passes);
-* elsewhere (CuPy, and the test namespace that stands in for it), *gathers*: one strided
-  gather of every window (:func:`kfc_ref.backend.strided_gather`), one reduction, and for the
-  backward one scatter-add (:func:`kfc_ref.backend.scatter_add`): a fixed, small number of
-  kernel launches.
+* elsewhere (CuPy, and the test namespace that stands in for it), *gathers*: one gather of
+  every window (pools: clamped at the border, so no padded copy; rnorm: from its zero-bordered
+  buffer), one reduction, and for the backward one scatter-add
+  (:func:`kfc_ref.backend.scatter_add`): a fixed, small number of kernel launches.
+
+Max pooling keeps each winner's flat position, so its backward is one scatter-add and its
+forward-mode pass one gather on every namespace.
 
 Both are checked against each other and against the loop twins in ``kfc_ref.nn.loops``.
 """
@@ -298,7 +301,8 @@ class ResponseNorm(Layer):
     and cells outside the map contribute 0.  Default constants are the CIFAR-10 "18%" net's
     (size 3, scale 5e-5, power 0.75).  Writing D = 1 + c * box(x^2) with c = scale/size^2:
     dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).  The box sum is separable (a
-    1-D sum over columns, then over rows) on every namespace.
+    1-D sum over columns, then over rows) on NumPy and one window gather times a constant
+    vector elsewhere; its field is written straight into a zero-bordered buffer (``out=``).
     """
 
     channel_major = True
