@@ -139,27 +139,34 @@ class MaxPool2d(_Pool):
     u* size + v*.
     """
 
-    def _winners(self, xpad, ho, wo):
-        """(out, offset u*size + v*, flat position in ``xpad``) of each window's first max,
-        by separable passes (NumPy)."""
-        xp = get_xp(xpad)
-        k, wp = self.size, xpad.shape[3]
-        shape, strides = _windows(xpad.shape, k, self.stride, ho, wo)
-        m = _sum_views([self._cols(xpad, v, wo) for v in range(k)], xp.maximum)
-        out = _sum_views([self._rows(m, u, ho) for u in range(k)], xp.maximum)
-        av = _first_index([self._cols(xpad, v, wo) for v in range(k)], m)
-        au = _first_index([self._rows(m, u, ho) for u in range(k)], out)
-        # v* of the winning row: av read at row s*oh + u* of the (A, B, Hp, Wo) row maxima
-        a, b, hp, _ = xpad.shape
-        row_of = flat_index(xp, (a, b, ho, wo), (b * hp * wo, hp * wo, self.stride * wo, 1))
+    def _partial(self, a, axis: int, offset: int, n_out: int):
+        """Cells offset, offset + s, ... of ``a`` along ``axis`` (2 or 3) that lie inside it:
+        a strided view of at most ``n_out`` entries (fewer for a partial border window)."""
+        size = a.shape[axis]
+        count = min(n_out, max(0, -(-(size - offset) // self.stride)))
+        sl = slice(offset, offset + self.stride * (count - 1) + 1, self.stride)
+        return a[:, :, sl] if axis == 2 else a[:, :, :, sl]
+
+    def _winners(self, x, ho, wo):
+        """(out, offset u*size + v*, flat position in C-contiguous ``x``) of each window's
+        first max, by separable passes over strided views (NumPy); partial border windows
+        simply have fewer views, so no padded copy is made."""
+        xp = get_xp(x)
+        k, (a, b, h, w) = self.size, x.shape
+        cols = [self._partial(x, 3, v, wo) for v in range(k)]
+        m, av = _first_max(cols)
+        rows = [self._partial(m, 2, u, ho) for u in range(k)]
+        out, au = _first_max(rows)
+        # v* of the winning row: av read at row s*oh + u* of the (A, B, H, Wo) row maxima
+        row_of = flat_index(xp, (a, b, ho, wo), (b * h * wo, h * wo, self.stride * wo, 1))
         v_star = xp.take(av.reshape(-1), row_of + au.astype(xp.int64) * wo)
         arg = au.astype(xp.int32) * k + v_star
-        where = flat_index(xp, shape[:4], strides[:4]) + (au.astype(xp.int64) * wp + v_star)
-        return out, arg, where
+        base = flat_index(xp, (a, b, ho, wo), (b * h * w, h * w, self.stride * w, self.stride))
+        return out, arg, base + (au.astype(xp.int64) * w + v_star)
 
     def forward(self, x, W=None, ctx=None):
         xp = get_xp(x)
-        ho, wo, eh, ew = self._geometry(x)
+        ho, wo, _, _ = self._geometry(x)
         if few_launches(xp):          # one gather of the clamped windows, one argmax
             index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
             xc = _pad(x, 0, 0, 0, 0.0)
@@ -167,9 +174,8 @@ class MaxPool2d(_Pool):
             arg = xp.argmax(win, axis=-1)
             where = xp.take_along_axis(index, arg[..., None], axis=-1)[..., 0]
             return xp.max(win, axis=-1), (arg, where, x.shape, x.shape)
-        xpad = _pad(x, 0, eh, ew, -xp.inf)
-        out, arg, where = self._winners(xpad, ho, wo)
-        return out, (arg, where, xpad.shape, x.shape)
+        out, arg, where = self._winners(x, ho, wo)
+        return out, (arg, where, x.shape, x.shape)
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
@@ -180,13 +186,12 @@ class MaxPool2d(_Pool):
 
     def infer(self, x, W=None, ctx=None):
         xp = get_xp(x)
-        ho, wo, eh, ew = self._geometry(x)
+        ho, wo, _, _ = self._geometry(x)
         if few_launches(xp):
             index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
             return xp.max(xp.take(_pad(x, 0, 0, 0, 0.0).reshape(-1), index), axis=-1)
-        xpad = _pad(x, 0, eh, ew, -xp.inf)
-        m = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)], xp.maximum)
-        return _sum_views([self._rows(m, u, ho) for u in range(self.size)], xp.maximum)
+        m = _first_max([self._partial(x, 3, v, wo) for v in range(self.size)], False)[0]
+        return _first_max([self._partial(m, 2, u, ho) for u in range(self.size)], False)[0]
 
     def jvp(self, dx, cache, W=None, dW=None):
         xp = get_xp(dx)
@@ -195,16 +200,25 @@ class MaxPool2d(_Pool):
         return xp.take(dxpad.reshape(-1), where)
 
 
-def _first_index(views, best):
-    """Index (int8) of the first of ``views`` equal to ``best`` (their elementwise max): the
-    number of leading views that miss it, with compare/and/add on bytes only."""
-    xp = get_xp(best)
+def _first_max(views, with_index: bool = True):
+    """Elementwise max over strided views whose first entries line up (later views may be
+    shorter along the last reduced positions: partial border windows), and the index (int8)
+    of the first view attaining it: the number of leading views that miss it (byte compares,
+    ands and adds only; where a view is absent the max was already attained)."""
+    xp = get_xp(views[0])
+    best = views[0].copy()
+    for v in views[1:]:
+        part = best[tuple(slice(0, n) for n in v.shape)]
+        xp.maximum(part, v, out=part)
+    if not with_index:
+        return best, None
     miss = views[0] != best
     first = miss.astype(xp.int8)
     for v in views[1:-1]:
-        miss &= v != best
+        region = tuple(slice(0, n) for n in v.shape)
+        miss[region] &= v != best[region]
         first += miss
-    return first
+    return best, first
 
 
 def _sum_views(views, op=None):
