@@ -1,6 +1,8 @@
 """Benchmarks run in quick mode and print their ratios (no timing is asserted)."""
 import json
 
+import pytest
+
 from kfc_ref.experiments.bench import main
 from kfc_ref.experiments.bench.conv import network_flops
 from kfc_ref.nn.models import cifar10_convnet
@@ -33,6 +35,7 @@ def test_bad_device_is_reported(capsys):
     assert "device='gpu' was requested" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_speedup_iterations_counts_updates_to_a_target(tmp_path):
     from kfc_ref.experiments.bench.speedup import first_iteration_below, iterations_to_target
     from kfc_ref.experiments.train import TrainConfig

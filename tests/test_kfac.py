@@ -200,6 +200,7 @@ def test_eigendecomposition_refresh_schedule_and_initial_gamma():
     assert [k + 1 for k, r in enumerate(refreshed) if r] == [1, 2, 3, 4, 8]
 
 
+@pytest.mark.slow
 def test_kfac_reduces_digits_training_loss(digits):  # noqa: F811 (fixture)
     # lambda_0 = 150 (K-FAC's autoencoder value) adapts down too slowly for a 30-step test.
     # Over seeds 0-5 the loss ends at 0.21-0.32 from 2.68.

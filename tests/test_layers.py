@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
 from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
 from kfc_ref.nn.loops import conv2d_loops, pool_loops, response_norm_loops
 from finite_differences import assert_vjp_matches
+from guarded_xp import asguarded
 from strategies import conv_cases, distinct, normal, pool_cases, seeds
 
 # Same float64 products summed in another order (fast GEMM vs loops).
@@ -115,3 +117,95 @@ def test_flatten_and_dropout():
     np.testing.assert_array_equal(drop.forward(x)[0], x)          # evaluation: identity
     y2, _ = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
     np.testing.assert_array_equal(y, y2)                          # same seed, same mask
+
+
+# ---------------------------------------------------------------- NumPy path vs few-launch path
+
+
+def _first_maximiser_loops(x, size, stride, ceil_mode):
+    """Offset u*size + v of the first maximiser (row-major) of every window, by loops."""
+    from kfc_ref.nn.loops import _pool_windows
+    n, c, h, w = x.shape
+    windows = list(_pool_windows(h, w, size, stride, ceil_mode))
+    arg = np.zeros((n, c, windows[0][4], windows[0][5]), dtype=int)
+    for oh, ow, rows, cols, _, _ in windows:
+        for b in range(n):
+            for ch in range(c):
+                best = None
+                for u, r in enumerate(rows):
+                    for v, q in enumerate(cols):
+                        if best is None or x[b, ch, r, q] > best:
+                            best, arg[b, ch, oh, ow] = x[b, ch, r, q], u * size + v
+    return arg
+
+
+@given(case=pool_cases(), seed=seeds)
+def test_max_pool_ties_go_to_the_first_maximiser_on_both_paths(case, seed):
+    """Integer inputs with many ties: NumPy's separable passes and the gathered-window argmax
+    (guarded namespace, the GPU path) both pick the row-major first maximiser of the loops."""
+    layer = MaxPool2d(case["size"], case["stride"], case["ceil_mode"])
+    x = np.random.default_rng(seed).integers(0, 3, (case["n"], case["c"], case["h"],
+                                                    case["w"])).astype(np.float64)
+    ref = _first_maximiser_loops(x, case["size"], case["stride"], case["ceil_mode"])
+    out, cache = layer.forward(x)
+    np.testing.assert_array_equal(cache[0], ref)
+    g_out, g_cache = layer.forward(asguarded(x))
+    np.testing.assert_array_equal(to_numpy(g_cache[0]), ref)
+    np.testing.assert_array_equal(to_numpy(g_out), out)
+    dout = normal(seed, *out.shape)
+    np.testing.assert_array_equal(to_numpy(layer.backward(asguarded(dout), g_cache)[0]),
+                                  layer.backward(dout, cache)[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: MaxPool2d(c["size"], c["stride"], c["ceil_mode"]),
+    lambda c: AvgPool2d(c["size"], c["stride"], c["ceil_mode"]),
+    lambda c: ResponseNorm(c["size"] + 1, 2.0, 0.75)])
+@given(case=pool_cases(), seed=seeds)
+def test_gather_path_equals_the_numpy_path(make, case, seed):
+    """forward, backward, jvp and the tape-free ``infer`` of the pools and rnorm: the
+    few-launch formulation (gathers and scatter-adds, run here on the guarded namespace)
+    equals the separable NumPy formulation."""
+    layer = make(case)
+    x = distinct(seed, case["n"], case["c"], case["h"], case["w"])
+    out, cache = layer.forward(x)
+    g_out, g_cache = layer.forward(asguarded(x))
+    np.testing.assert_allclose(to_numpy(g_out), out, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+    np.testing.assert_allclose(to_numpy(layer.infer(asguarded(x))), out, rtol=FORWARD_RTOL,
+                               atol=FORWARD_RTOL)
+    np.testing.assert_array_equal(layer.infer(x), out)
+    dout, dx = normal(seed + 1, *out.shape), normal(seed + 2, *x.shape)
+    np.testing.assert_allclose(to_numpy(layer.backward(asguarded(dout), g_cache)[0]),
+                               layer.backward(dout, cache)[0], rtol=FORWARD_RTOL,
+                               atol=FORWARD_RTOL)
+    np.testing.assert_allclose(to_numpy(layer.jvp(asguarded(dx), g_cache)),
+                               layer.jvp(dx, cache), rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+
+
+@given(conv_cases(max_batch=2, max_size=6), seeds)
+def test_conv_channel_major_equals_nchw_and_skips_the_input_gradient(case, seed):
+    """The network's channel-major layout gives the same output, weight gradient, input
+    gradient and jvp as the public (N, J, H, W) layout; ``input_grad=False`` drops only dx."""
+    layer = _conv(case)
+    x = normal(seed, case["n"], case["j"], case["h"], case["w"])
+    W = normal(seed + 1, *layer.param_shape)
+    out, cache = layer.forward(x, W)
+    x_cm = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
+    out_cm, cache_cm = layer.forward(x_cm, W, Context(channel_major=True))
+    np.testing.assert_allclose(out_cm.transpose(1, 0, 2, 3), out, rtol=FORWARD_RTOL,
+                               atol=FORWARD_RTOL)
+    np.testing.assert_array_equal(Conv2d.patches(cache_cm), Conv2d.patches(cache))
+    dout = normal(seed + 2, *out.shape)
+    dx, dW = layer.backward(dout, cache, W)
+    dx_cm, dW_cm = layer.backward(np.ascontiguousarray(dout.transpose(1, 0, 2, 3)), cache_cm, W)
+    np.testing.assert_allclose(dx_cm.transpose(1, 0, 2, 3), dx, rtol=FORWARD_RTOL,
+                               atol=FORWARD_RTOL)
+    np.testing.assert_allclose(dW_cm, dW, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+    none, dW_only = layer.backward(dout, cache, W, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dW_only, dW)
+    v = normal(seed + 3, *x.shape)
+    np.testing.assert_allclose(
+        layer.jvp(np.ascontiguousarray(v.transpose(1, 0, 2, 3)), cache_cm, W, dW)
+        .transpose(1, 0, 2, 3), layer.jvp(v, cache, W, dW), rtol=FORWARD_RTOL,
+        atol=FORWARD_RTOL)

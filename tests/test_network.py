@@ -101,3 +101,72 @@ def test_seeded_init_is_reproducible_and_models_have_the_documented_shapes():
     assert build_model("small", (3, 32, 32), 10).shapes[-1] == (10,)
     with pytest.raises(ValueError, match="arch='nope' is not supported"):
         build_model("nope", (1, 8, 8), 10)
+
+
+def test_channel_major_engine_keeps_the_public_conventions():
+    """Inside Sequential activations are (C, N, H, W); outputs, gradients, records, jvp and
+    layer inputs equal a layer-by-layer run in the public (N, C, H, W) layout (where the first
+    layer's input gradient is computed and thrown away), and the tape-free evaluation path
+    gives the same logits."""
+    net = every_layer_net()
+    params = net.init(5, "float64")
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(3, 2, 7, 7)), rng.integers(0, 5, 3)
+    tape = net.forward(params, x)
+    assert tape.channel_major
+    h, caches = x, []
+    for layer, W in zip(net.layers, params):
+        h, cache = layer.forward(h, W)
+        caches.append(cache)
+    np.testing.assert_allclose(tape.output, h, rtol=1e-12)
+    np.testing.assert_allclose(net.evaluate(params, x), h, rtol=1e-12)
+    np.testing.assert_allclose(net.predict_logits(params, x, batch_size=2), h, rtol=1e-12)
+    _, dlogits = softmax_cross_entropy(tape.output, y)
+    grads, douts = net.backward(params, tape, dlogits)
+    d, ref_grads, ref_douts = dlogits, [None] * len(net.layers), {}
+    for i in range(len(net.layers) - 1, -1, -1):
+        if net.layers[i].has_params:
+            ref_douts[i] = d
+        d, ref_grads[i] = net.layers[i].backward(d, caches[i], params[i])
+    for i in net.param_layers:
+        np.testing.assert_allclose(grads[i], ref_grads[i], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(douts[i], ref_douts[i], rtol=1e-10, atol=1e-14)
+    for rec, i in zip(net.records(tape, douts), net.param_layers):
+        np.testing.assert_array_equal(rec.patches, net.layers[i].patches(caches[i]))
+        np.testing.assert_allclose(rec.DS, net.layers[i].derivatives(ref_douts[i]) * 3,
+                                   rtol=1e-10, atol=1e-14)
+    inputs = net.layer_inputs(params, x)
+    assert [tuple(a.shape[1:]) for a in inputs] == [tuple(s) for s in net.shapes[:-1]]
+    np.testing.assert_array_equal(inputs[0], x)
+    dparams = [None if p is None else rng.normal(size=p.shape) for p in params]
+    jv, dd = net.jvp(params, tape, dparams), None
+    for layer, W, dW, cache in zip(net.layers, params, dparams, caches):
+        if dd is not None or dW is not None:
+            dd = layer.jvp(dd, cache, W, dW)
+    np.testing.assert_allclose(jv, dd, rtol=1e-10, atol=1e-14)
+
+
+def test_a_layer_written_for_nchw_only_keeps_the_network_in_the_public_layout():
+    """A custom layer that does not declare ``channel_major`` (it may read axis 1 as the
+    channels) makes Sequential run every layer on (N, C, H, W) arrays."""
+    from kfc_ref.nn.layers import Layer
+
+    class ChannelScale(Layer):              # scales channel c by c + 1: needs axis 1 = C
+        def forward(self, x, W=None, ctx=None):
+            scale = np.arange(1, x.shape[1] + 1).reshape(1, -1, 1, 1)
+            return x * scale, scale
+
+        def backward(self, dout, cache, W=None):
+            return dout * cache, None
+
+    net = Sequential([Conv2d(2, 3, 3, padding=1), ChannelScale(), Flatten(), Dense(27, 2)],
+                     (2, 3, 3))
+    assert not net.channel_major and every_layer_net().channel_major
+    params = net.init(0, "float64")
+    x = np.random.default_rng(0).normal(size=(2, 2, 3, 3))
+    tape = net.forward(params, x)
+    assert not tape.channel_major
+    h = x
+    for layer, W in zip(net.layers, params):
+        h, _ = layer.forward(h, W)
+    np.testing.assert_allclose(tape.output, h, rtol=1e-12)

@@ -75,6 +75,7 @@ def test_committed_notebooks_are_small():
     assert total < MAX_TOTAL_NOTEBOOK_BYTES, f"notebooks total {total / 1e6:.1f} MB"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
 def test_notebook_runs_in_quick_mode(source, monkeypatch):
     nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed")

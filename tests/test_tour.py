@@ -20,11 +20,13 @@ def tour_run(tmp_path_factory):
     return rc, str(out)
 
 
+@pytest.mark.slow
 def test_tour_exits_zero(tour_run):
     rc, out = tour_run
     assert rc == 0
 
 
+@pytest.mark.slow
 def test_tour_writes_summary_with_every_section(tour_run):
     _, out = tour_run
     with open(os.path.join(out, "summary.md")) as fh:
@@ -36,6 +38,7 @@ def test_tour_writes_summary_with_every_section(tour_run):
     assert "nan" not in text.lower().replace("n/a", "")
 
 
+@pytest.mark.slow
 def test_tour_writes_figures_and_runs(tour_run):
     _, out = tour_run
     for name in ("sud_derivatives", "sud_activations", "sud_summary", "exact_vs_kfc",

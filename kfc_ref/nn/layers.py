@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as _host_np  # host-side initialisation and dropout masks only (seeded Generators)
 
 from kfc_ref.backend import asarray_like, get_xp
-from kfc_ref.nn.expand import ConvGeometry, col2im, im2col, patch_matrix
+from kfc_ref.nn.expand import ConvGeometry, col2im_of_product, im2col_matrix, patches_view
+from kfc_ref.validate import check_int, check_number
 
 
 @dataclass
@@ -29,6 +30,13 @@ class Context:
 
     train: bool = False
     rng: _host_np.random.Generator | None = None
+    #: spatial activations are (C, N, H, W) instead of (N, C, H, W) (the network's internal
+    #: layout; only Conv2d, Flatten and Dropout read it, the other layers act per map)
+    channel_major: bool = False
+
+
+def _channel_major(ctx) -> bool:
+    return bool(ctx is not None and ctx.channel_major)
 
 
 def _check_rank(x, rank: int, layer: str):
@@ -38,9 +46,15 @@ def _check_rank(x, rank: int, layer: str):
 
 
 class Layer:
-    """Base class: a layer without parameters."""
+    """Base class: a layer without parameters.
+
+    ``channel_major``: the layer accepts (C, N, H, W) activations when ``ctx.channel_major``
+    (all layers of kfc_ref do; a layer written for (N, C, H, W) only, e.g. one that mixes
+    channels on axis 1, keeps the default False and :class:`Sequential` then runs the whole
+    network in the public layout)."""
 
     has_params = False
+    channel_major = False
 
     def output_shape(self, in_shape: tuple) -> tuple:
         return tuple(in_shape)
@@ -54,6 +68,10 @@ class Layer:
     def backward(self, dout, cache, W=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def infer(self, x, W=None, ctx: Context | None = None):
+        """Output only (evaluation path, nothing kept for a backward pass)."""
+        return self.forward(x, W, ctx)[0]
+
     def jvp(self, dx, cache, W=None, dW=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -63,12 +81,34 @@ class Layer:
 
 
 # --------------------------------------------------------------------------- Conv2d
+@dataclass
+class ConvCache:
+    """What Conv2d keeps: [[A]]^T as a (J|Delta|, N|T|) matrix, the input shape (in the layout
+    of the input) and whether that layout is channel-major.  ``cache[0]`` is the (N, |T|,
+    J|Delta|) patches view, as before the channel-major engine."""
+
+    matrix: object
+    input_shape: tuple
+    channel_major: bool
+
+    @property
+    def batch(self) -> int:
+        return self.input_shape[1] if self.channel_major else self.input_shape[0]
+
+    def __getitem__(self, k):
+        return (patches_view(self.matrix, self.batch), self.input_shape)[k]
+
+
 class Conv2d(Layer):
-    """2-D convolution S = [[A]]_H W_bar^T (Eq. 10, 26-29), NCHW in and out.
+    """2-D convolution S = [[A]]_H W_bar^T (Eq. 10, 26-29), NCHW in and out by default, and
+    (C, N, H, W) in and out when ``ctx.channel_major`` (inside :class:`Sequential`).
 
     Parameter W_bar: (I, 1 + J*kh*kw), column 0 the bias, then W.reshape(I, J*kh*kw).
-    Shapes: x (N, J, H, W) -> s (N, I, Ho, Wo); |T| = Ho*Wo.
+    Shapes: x (N, J, H, W) -> s (N, I, Ho, Wo); |T| = Ho*Wo.  All products are single GEMMs
+    over the N|T| columns of [[A]]^T.
     """
+
+    channel_major = True
 
     has_params = True
 
@@ -76,10 +116,8 @@ class Conv2d(Layer):
                  padding: int = 0, dilation: int = 1, init_std: float | None = None):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         self.geom = ConvGeometry(kh, kw, stride, padding, dilation)
-        for name, val in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"Conv2d: {name}={val!r} must be a positive integer")
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels = check_int("Conv2d: in_channels", in_channels, minimum=1)
+        self.out_channels = check_int("Conv2d: out_channels", out_channels, minimum=1)
         self.init_std = init_std
 
     @property
@@ -101,69 +139,81 @@ class Conv2d(Layer):
         W_bar[:, 1:] = rng.normal(0.0, std, size=(self.out_channels, fan_in))
         return W_bar
 
-    def _check(self, x, W):
+    def _check(self, x, W, channel_major):
         _check_rank(x, 4, "Conv2d")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"Conv2d: input has {x.shape[1]} channels but the layer's weights "
+        channels = x.shape[0] if channel_major else x.shape[1]
+        if channels != self.in_channels:
+            raise ValueError(f"Conv2d: input has {channels} channels but the layer's weights "
                              f"expect J={self.in_channels}")
         if tuple(W.shape) != self.param_shape:
             raise ValueError(f"Conv2d: W_bar has shape {tuple(W.shape)}, expected "
                              f"{self.param_shape} (I, 1 + J*kh*kw)")
 
-    def _linear(self, patches, W, n, ho, wo):
-        """S = [[A]] W^T + 1 b^T as one GEMM W (I x J|Delta|) [[A]]^T (J|Delta| x N|T|);
-        returns (N, I, Ho, Wo)."""
-        xp = get_xp(patches, W)
-        s = W[:, 1:] @ patch_matrix(patches) + W[:, 0][:, None]      # (I, N|T|)
-        return xp.ascontiguousarray(xp.transpose(s.reshape(-1, n, ho, wo), (1, 0, 2, 3)))
+    def _linear(self, matrix, W, cache: ConvCache, bias: bool = True):
+        """S^T = W [[A]]^T (+ b 1^T): one (I x J|Delta|) (J|Delta| x N|T|) GEMM -> (I, N|T|),
+        returned as (I, N, Ho, Wo) (channel-major) or an (N, I, Ho, Wo) copy."""
+        xp = get_xp(matrix, W)
+        s = W[:, 1:] @ matrix
+        if bias:
+            s += W[:, 0][:, None]
+        i_shape = cache.input_shape
+        h, w = i_shape[2], i_shape[3]
+        ho, wo = self.geom.output_shape(h, w)
+        s = s.reshape(-1, cache.batch, ho, wo)
+        if cache.channel_major:
+            return s
+        return xp.ascontiguousarray(s.transpose(1, 0, 2, 3))
 
     def forward(self, x, W=None, ctx=None):
-        self._check(x, W)
-        patches = im2col(x, self.geom)
-        n, _, h, w = x.shape
-        ho, wo = self.geom.output_shape(h, w)
-        return self._linear(patches, W, n, ho, wo), (patches, x.shape)
+        cm = _channel_major(ctx)
+        self._check(x, W, cm)
+        cache = ConvCache(im2col_matrix(x, self.geom, cm), tuple(x.shape), cm)
+        return self._linear(cache.matrix, W, cache), cache
 
     @staticmethod
     def derivatives(dout):
         """DS per example: (N, I, Ho, Wo) -> (N, |T|, I)."""
-        xp = get_xp(dout)
         n, i = dout.shape[:2]
-        return xp.transpose(dout.reshape(n, i, -1), (0, 2, 1))
+        return dout.reshape(n, i, -1).transpose(0, 2, 1)
 
     @staticmethod
     def patches(cache):
-        """[[A]] (without the ones column) of the cached input: (N, |T|, J|Delta|)."""
+        """[[A]] (without the ones column) of the cached input: (N, |T|, J|Delta|) (a view)."""
         return cache[0]
 
-    def backward(self, dout, cache, W=None):
-        """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(DS W) (Eq. 27).
-        Both products are single GEMMs over all N|T| rows."""
+    @staticmethod
+    def _ds_matrix(dout, cache: ConvCache):
+        """DS^T as an (I, N|T|) matrix from dout in the cache's layout."""
+        i = dout.shape[0] if cache.channel_major else dout.shape[1]
+        if not cache.channel_major:
+            dout = dout.transpose(1, 0, 2, 3)
+        return dout.reshape(i, -1)
+
+    def backward(self, dout, cache, W=None, input_grad: bool = True):
+        """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(W^T DS^T) (Eq. 27).
+        Both are single GEMMs over all N|T| columns.  ``input_grad=False`` skips dx (returns
+        None): the network's first layer, whose input gradient nobody reads."""
         xp = get_xp(dout, W)
-        patches, in_shape = cache
-        i = dout.shape[1]
-        ds = xp.transpose(dout, (1, 0, 2, 3)).reshape(i, -1)       # DS^T, (I, N|T|)
-        A = patch_matrix(patches)                                  # [[A]]^T, (J|Delta|, N|T|)
-        dW = xp.empty(W.shape, dtype=W.dtype)
-        dW[:, 0] = xp.sum(ds, axis=1)
-        dW[:, 1:] = ds @ xp.transpose(A)
-        dA = xp.transpose(W[:, 1:]) @ ds                           # (J|Delta|, N|T|)
-        n, t = patches.shape[:2]
-        return col2im(xp.transpose(dA.reshape(-1, n, t), (1, 2, 0)), in_shape, self.geom), dW
+        ds = self._ds_matrix(dout, cache)                         # DS^T, (I, N|T|)
+        A = cache.matrix                                          # [[A]]^T, (J|Delta|, N|T|)
+        # [[A]]^T DS (K x I), then transposed: OpenBLAS is several times faster with the long
+        # N|T| axis as the contraction of a (K x N|T|)(N|T| x I) product in this order.
+        dW = xp.concatenate([xp.sum(ds, axis=1)[:, None], (A @ ds.T).T], axis=1)
+        if not input_grad:
+            return None, dW
+        shape = cache.input_shape
+        shape_cm = shape if cache.channel_major else (shape[1], shape[0]) + tuple(shape[2:])
+        dx = col2im_of_product(W[:, 1:], ds, shape_cm, self.geom)      # col2im(W^T DS^T)
+        return (dx if cache.channel_major else dx.transpose(1, 0, 2, 3)), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
         """d s = [[dx]] W^T + [[A]]_H dW_bar^T (bilinear in input and parameters)."""
-        patches, in_shape = cache
-        n, _, h, w = in_shape
-        ho, wo = self.geom.output_shape(h, w)
         out = None
         if dW is not None:
-            out = self._linear(patches, dW, n, ho, wo)
+            out = self._linear(cache.matrix, dW, cache)
         if dx is not None:
-            xp = get_xp(dx, W)
-            zero_bias = xp.zeros(W.shape, dtype=W.dtype)
-            zero_bias[:, 1:] = W[:, 1:]
-            ds = self._linear(im2col(dx, self.geom), zero_bias, n, ho, wo)
+            ds = self._linear(im2col_matrix(dx, self.geom, cache.channel_major), W, cache,
+                              bias=False)
             out = ds if out is None else out + ds
         return out
 
@@ -175,13 +225,14 @@ class Dense(Layer):
     Parameter W_bar: (I, 1 + J).  Shapes: x (N, J) -> s (N, I).
     """
 
+    channel_major = True
+
     has_params = True
 
     def __init__(self, in_features: int, out_features: int, init_std: float | None = None):
-        for name, val in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"Dense: {name}={val!r} must be a positive integer")
-        self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
+        self.in_features = check_int("Dense: in_features", in_features, minimum=1)
+        self.out_features = check_int("Dense: out_features", out_features, minimum=1)
+        self.init_std = init_std
 
     @property
     def param_shape(self):
@@ -205,8 +256,7 @@ class Dense(Layer):
         if x.shape[1] != self.in_features or tuple(W.shape) != self.param_shape:
             raise ValueError(f"Dense: input features {x.shape[1]} / W_bar {tuple(W.shape)} do "
                              f"not match J={self.in_features}, W_bar {self.param_shape}")
-        xp = get_xp(x, W)
-        return x @ xp.transpose(W[:, 1:]) + W[:, 0], x
+        return x @ W[:, 1:].T + W[:, 0], x
 
     @staticmethod
     def derivatives(dout):
@@ -218,32 +268,29 @@ class Dense(Layer):
         """The input as (N, 1, J): a dense layer is a 1x1 conv on a 1x1 map."""
         return cache[:, None, :]
 
-    def backward(self, dout, cache, W=None):
+    def backward(self, dout, cache, W=None, input_grad: bool = True):
         xp = get_xp(dout, W)
-        dW = xp.empty(W.shape, dtype=W.dtype)
-        dW[:, 0] = xp.sum(dout, axis=0)
-        dW[:, 1:] = xp.transpose(dout) @ cache
-        return dout @ W[:, 1:], dW
+        dW = xp.concatenate([xp.sum(dout, axis=0)[:, None], dout.T @ cache], axis=1)
+        return (dout @ W[:, 1:] if input_grad else None), dW
 
     def jvp(self, dx, cache, W=None, dW=None):
-        xp = get_xp(cache, W)
         out = None
         if dW is not None:
-            out = cache @ xp.transpose(dW[:, 1:]) + dW[:, 0]
+            out = cache @ dW[:, 1:].T + dW[:, 0]
         if dx is not None:
-            d = dx @ xp.transpose(W[:, 1:])
+            d = dx @ W[:, 1:].T
             out = d if out is None else out + d
         return out
 
 
 # --------------------------------------------------------------------------- elementwise
 class ReLU(Layer):
-    """phi(s) = max(s, 0); derivative 1[s > 0] (0 at s = 0)."""
+    """phi(s) = max(s, 0); derivative 1[s > 0] (0 at s = 0).  The cache is the mask."""
+
+    channel_major = True
 
     def forward(self, x, W=None, ctx=None):
-        xp = get_xp(x)
-        mask = x > 0
-        return xp.where(mask, x, xp.zeros((), dtype=x.dtype)), mask
+        return get_xp(x).maximum(x, 0), x > 0
 
     def backward(self, dout, cache, W=None):
         return dout * cache, None
@@ -254,6 +301,8 @@ class ReLU(Layer):
 
 class Tanh(Layer):
     """phi(s) = tanh(s); derivative 1 - tanh(s)^2 (smooth: used by exact tests)."""
+
+    channel_major = True
 
     def forward(self, x, W=None, ctx=None):
         y = get_xp(x).tanh(x)
@@ -269,6 +318,8 @@ class Tanh(Layer):
 class Identity(Layer):
     """phi(s) = s (a linear layer; Theorem 1 tests use it)."""
 
+    channel_major = True
+
     def forward(self, x, W=None, ctx=None):
         return x, None
 
@@ -280,7 +331,11 @@ class Identity(Layer):
 
 
 class Flatten(Layer):
-    """(N, C, H, W) -> (N, C*H*W), C-order."""
+    """(N, C, H, W) -> (N, C*H*W), C-order.  With ``ctx.channel_major`` the input is
+    (C, N, H, W) and the output is the same (N, C*H*W) matrix: the network's one conversion
+    back from the channel-major layout."""
+
+    channel_major = True
 
     def output_shape(self, in_shape):
         size = 1
@@ -289,13 +344,24 @@ class Flatten(Layer):
         return (size,)
 
     def forward(self, x, W=None, ctx=None):
-        return x.reshape(x.shape[0], -1), x.shape
+        cm = _channel_major(ctx) and x.ndim == 4
+        return self._flat(x, cm), (x.shape, cm)
+
+    @staticmethod
+    def _flat(x, cm):
+        if cm:
+            x = x.transpose(1, 0, 2, 3)
+        return x.reshape(x.shape[0], -1)
 
     def backward(self, dout, cache, W=None):
-        return dout.reshape(cache), None
+        shape, cm = cache
+        if not cm:
+            return dout.reshape(shape), None
+        c, n, h, w = shape
+        return dout.reshape(n, c, h, w).transpose(1, 0, 2, 3), None
 
     def jvp(self, dx, cache, W=None, dW=None):
-        return dx.reshape(dx.shape[0], -1)
+        return self._flat(dx, cache[1])
 
 
 class Dropout(Layer):
@@ -303,17 +369,22 @@ class Dropout(Layer):
     1/(1 - rate); identity at evaluation.  The mask is drawn from ``ctx.rng`` (a NumPy
     Generator), so a seed fixes it on every device."""
 
+    channel_major = True
+
     def __init__(self, rate: float):
-        if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
-            raise ValueError(f"Dropout: rate={rate!r} must be a float in [0, 1)")
-        self.rate = float(rate)
+        self.rate = check_number("Dropout: rate", rate, minimum=0.0, maximum=1.0,
+                                 exclusive_maximum=True)
 
     def forward(self, x, W=None, ctx=None):
         if ctx is None or not ctx.train or self.rate == 0.0:
             return x, None
         if ctx.rng is None:
             raise ValueError("Dropout in training mode needs ctx.rng (a numpy Generator)")
-        keep = ctx.rng.random(x.shape) >= self.rate
+        cm = ctx.channel_major and x.ndim == 4
+        shape = (x.shape[1], x.shape[0]) + tuple(x.shape[2:]) if cm else x.shape
+        keep = ctx.rng.random(shape) >= self.rate         # drawn in the public (N, C, ...) order
+        if cm:
+            keep = keep.transpose(1, 0, 2, 3)
         mask = asarray_like(keep / (1.0 - self.rate), like=x)
         return x * mask, mask
 

@@ -53,11 +53,20 @@ class LayerRecord:
 
 @dataclass
 class Tape:
-    """What a forward pass keeps for the backward and forward-mode passes."""
+    """What a forward pass keeps for the backward and forward-mode passes.  ``output`` is in
+    the public layout; ``caches`` hold the layers' own (channel-major when ``channel_major``)."""
 
     output: object
     caches: list
     input_shape: tuple
+    channel_major: bool = False
+
+
+def _swap_leading(a, swap: bool):
+    """(N, C, H, W) <-> (C, N, H, W) as a view when ``swap`` and ``a`` is 4-D; else ``a``."""
+    if not swap or getattr(a, "ndim", 0) != 4:
+        return a
+    return a.transpose(1, 0, 2, 3)
 
 
 class Sequential:
@@ -74,6 +83,9 @@ class Sequential:
             shape = layer.output_shape(shape)
             self.shapes.append(shape)
         self.param_layers = [i for i, layer in enumerate(self.layers) if layer.has_params]
+        #: spatial activations run channel-major when every layer supports it
+        self.channel_major = all(getattr(layer, "channel_major", False)
+                                 for layer in self.layers)
 
     # ---------------------------------------------------------------- parameters
     def init(self, seed=0, dtype: str = "float32", device: str = "cpu") -> list:
@@ -137,33 +149,72 @@ class Sequential:
         if not bool(xp.all(xp.isfinite(x))):
             raise ValueError("x contains NaN or inf values")
 
+    def _channel_major_for(self, x) -> bool:
+        return self.channel_major and x.ndim == 4
+
     # ---------------------------------------------------------------- passes
     def forward(self, params, x, *, train: bool = False, rng=None, check: bool = True) -> Tape:
-        """Run all layers; returns a Tape with the logits (N, C) and every layer's cache."""
+        """Run all layers; returns a Tape with the logits (N, C) and every layer's cache.
+
+        Spatial activations run channel-major, (C, N, H, W), inside the network (the layout of
+        the paper's GPU code, in which a conv's output W_bar [[A]]_H^T needs no transpose): the
+        input is read through a transposed view (the first conv's padding copy converts it) and
+        Flatten converts back, so every public array keeps the (N, C, H, W) convention.
+        """
         self._check_params(params)
         if check:
             self._check_input(x)
-        ctx = Context(train=train, rng=rng)
-        caches, h = [], x
+        cm = self._channel_major_for(x)
+        ctx = Context(train=train, rng=rng, channel_major=cm)
+        caches, h = [], _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
             h, cache = layer.forward(h, W, ctx)
             caches.append(cache)
-        return Tape(h, caches, tuple(x.shape))
+        return Tape(_swap_leading(h, cm), caches, tuple(x.shape), cm)
+
+    def evaluate(self, params, x):
+        """Logits (N, C) in evaluation mode without a tape: caches are dropped layer by layer
+        (no input checks; :meth:`predict_logits` is the chunked, public entry point)."""
+        self._check_params(params)
+        cm = self._channel_major_for(x)
+        ctx = Context(channel_major=cm)
+        h = _swap_leading(x, cm)
+        for layer, W in zip(self.layers, params):
+            h = layer.infer(h, W, ctx)
+        return _swap_leading(h, cm)
 
     def backward(self, params, tape: Tape, dout):
         """Backpropagate ``dout`` (gradient w.r.t. the output) through the tape.
 
         Returns (grads, douts): grads aligned with params (None for parameter-free layers);
-        douts[l] the gradient w.r.t. the pre-activation output of parametric layer l.
+        douts[l] the gradient w.r.t. the pre-activation output of parametric layer l (public
+        layout, a view).  The pass stops at the first parametric layer and skips its input
+        gradient, which nothing reads.
         """
         grads = [None] * len(self.layers)
         douts = {}
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if layer.has_params:
-                douts[i] = dout
-            dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
+        dout = _swap_leading(dout, tape.channel_major)
+        for i in range(len(self.layers) - 1, self._first_backward_layer - 1, -1):
+            dout = self._backward_layer(i, params, tape, dout, grads, douts)
         return grads, douts
+
+    @property
+    def _first_backward_layer(self) -> int:
+        """The backward pass stops at the first parametric layer (nothing before it has a
+        gradient to receive)."""
+        return self.param_layers[0] if self.param_layers else 0
+
+    def _backward_layer(self, i, params, tape: Tape, dout, grads: list, douts: dict):
+        """One layer of :meth:`backward` (``dout`` in the tape's layout); returns its input
+        gradient (None for the first parametric layer)."""
+        layer = self.layers[i]
+        if not layer.has_params:
+            dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
+            return dout
+        douts[i] = _swap_leading(dout, tape.channel_major)
+        dout, grads[i] = layer.backward(dout, tape.caches[i], params[i],
+                                        input_grad=i > self._first_backward_layer)
+        return dout
 
     def jvp(self, params, tape: Tape, dparams):
         """Forward-mode pass: J_theta v for a parameter direction ``dparams`` (list like params).
@@ -177,7 +228,7 @@ class Sequential:
             if d is None and dW is None:
                 continue
             d = layer.jvp(d, tape.caches[i], params[i], dW)
-        return d
+        return _swap_leading(d, tape.channel_major)
 
     # ---------------------------------------------------------------- conveniences
     def loss_and_grads(self, params, x, y, *, train=False, rng=None):
@@ -213,16 +264,19 @@ class Sequential:
     def layer_inputs(self, params, x) -> list:
         """The input of every layer (evaluation mode): inputs[l] has shape (N, *shapes[l])."""
         self._check_params(params)
-        inputs, h = [], x
+        cm = self._channel_major_for(x)
+        ctx = Context(channel_major=cm)
+        inputs, h = [], _swap_leading(x, cm)
         for layer, W in zip(self.layers, params):
-            inputs.append(h)
-            h, _ = layer.forward(h, W, Context())
+            inputs.append(_swap_leading(h, cm))
+            h = layer.infer(h, W, ctx)
         return inputs
 
     def predict_logits(self, params, x, batch_size: int = 1000):
         """Logits in evaluation mode, computed in chunks of ``batch_size`` examples."""
         xp = get_xp(x)
-        outs = [self.forward(params, x[s:s + batch_size]).output
+        self._check_input(x)
+        outs = [self.evaluate(params, x[s:s + batch_size])
                 for s in range(0, x.shape[0], batch_size)]
         return xp.concatenate(outs, axis=0)
 
@@ -231,3 +285,35 @@ class Sequential:
         for layer, shape in zip(self.layers, self.shapes[1:]):
             lines.append(f"  {layer!r} -> {shape}")
         return "\n".join(lines)
+
+
+class stage_runner:
+    """:meth:`Sequential.forward` and :meth:`Sequential.backward` one layer at a time, for
+    per-stage profiles (``bench conv --profile``): ``forward_next()`` per layer, ``output()``,
+    ``start_backward(dlogits)``, then ``backward_next()`` per layer, last to first (a no-op for
+    the layers in front of the first parametric one, which the backward pass skips)."""
+
+    def __init__(self, net: Sequential, params, x):
+        self.net, self.params = net, params
+        cm = net._channel_major_for(x)
+        self.tape = Tape(None, [], tuple(x.shape), cm)
+        self.ctx = Context(channel_major=cm)
+        self.h = _swap_leading(x, cm)
+
+    def forward_next(self):
+        i = len(self.tape.caches)
+        self.h, cache = self.net.layers[i].forward(self.h, self.params[i], self.ctx)
+        self.tape.caches.append(cache)
+
+    def output(self):
+        return _swap_leading(self.h, self.tape.channel_major)
+
+    def start_backward(self, dout):
+        self.i, self.grads, self.douts = len(self.net.layers) - 1, [None] * len(self.net.layers), {}
+        self.d = _swap_leading(dout, self.tape.channel_major)
+
+    def backward_next(self):
+        if self.i >= self.net._first_backward_layer:
+            self.d = self.net._backward_layer(self.i, self.params, self.tape, self.d,
+                                              self.grads, self.douts)
+        self.i -= 1

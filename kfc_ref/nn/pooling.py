@@ -1,18 +1,44 @@
 """Spatial layers without parameters: max pooling, average pooling, response normalisation.
 
-All three are written as loops over window offsets with strided slicing (no scatter-add), so
-they run unchanged on CuPy.  ``ceil_mode=True`` gives cuda-convnet's pools: the number of outputs
-per axis is ceil((T - size)/stride) + 1 and windows at the bottom/right border are partial
-(32 -> 16 -> 8 -> 4 for size 3, stride 2).  Forward-mode passes (``jvp``) are included because
-exact Fisher-vector products for update clipping (App. B.1, B.3) go through these layers.
+They act on each (example, channel) map through the two trailing axes, so they run unchanged on
+(N, C, H, W) and on the network's channel-major (C, N, H, W) arrays.  ``ceil_mode=True`` gives
+cuda-convnet's pools: the number of outputs per axis is ceil((T - size)/stride) + 1 and windows
+at the bottom/right border are partial (32 -> 16 -> 8 -> 4 for size 3, stride 2).
+Forward-mode passes (``jvp``) are included because exact Fisher-vector products for update
+clipping (App. B.1, B.3) go through these layers.
+
+Each window reduction has two formulations, chosen by :func:`kfc_ref.backend.few_launches`:
+
+* on NumPy, *separable* passes: a size x size window is a 1-D reduction over columns, then over
+  rows (2(size-1) strided slice operations instead of size^2; max-pool tracks the winner of
+  each pass, its backward routes the derivative back through the two passes);
+* elsewhere (CuPy, and the test namespace that stands in for it), *gathers*: one gather of
+  every window (pools: clamped at the border, so no padded copy; rnorm: from its zero-bordered
+  buffer), one reduction, and for the backward one scatter-add
+  (:func:`kfc_ref.backend.scatter_add`): a fixed, small number of kernel launches.
+
+Max pooling keeps each winner's flat position, so its backward is one scatter-add and its
+forward-mode pass one gather on every namespace.
+
+Both are checked against each other and against the loop twins in ``kfc_ref.nn.loops``.
 """
 from __future__ import annotations
 
 import math
 
-from kfc_ref.backend import get_xp
-from kfc_ref.nn.expand import pad_spatial
+import numpy as _host_np  # host-side border counts only
+
+from kfc_ref.backend import (
+    asarray_like,
+    cached_index,
+    few_launches,
+    flat_index,
+    get_xp,
+    scatter_add,
+    strided_gather,
+)
 from kfc_ref.nn.layers import Layer, _check_rank
+from kfc_ref.validate import check_int, check_number
 
 
 def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
@@ -25,14 +51,55 @@ def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
     return out
 
 
+def _pad(x, top_left: int, bottom_right_h: int, bottom_right_w: int, value: float):
+    """Pad the two trailing axes (``top_left`` before, the others after) with ``value``; a
+    C-contiguous copy (``x`` itself when nothing is padded and it is C-contiguous)."""
+    xp = get_xp(x)
+    a, b, h, w = x.shape
+    if top_left == bottom_right_h == bottom_right_w == 0 and x.flags.c_contiguous:
+        return x
+    out = xp.full((a, b, h + top_left + bottom_right_h, w + top_left + bottom_right_w), value,
+                  dtype=x.dtype)
+    out[:, :, top_left:top_left + h, top_left:top_left + w] = x
+    return out
+
+
+def _windows(padded_shape, size: int, stride: int, ho: int, wo: int):
+    """(shape, element strides) of the (A, B, Ho, Wo, size, size) window view of a
+    C-contiguous (A, B, Hp, Wp) array."""
+    a, b, hp, wp = padded_shape
+    return (a, b, ho, wo, size, size), (b * hp * wp, hp * wp, stride * wp, stride, wp, 1)
+
+
+def _clamped_windows(xp, in_shape, size: int, stride: int, ho: int, wo: int):
+    """Flat positions (A, B, Ho, Wo, size*size) of every window cell in a C-contiguous
+    (A, B, H, W) input, rows and columns past the border clamped to the last one (a partial
+    window reads a duplicate of one of its own cells, which never changes a max and never
+    comes first in row-major order), and the host mask (Ho, Wo, size*size) of the real cells.
+    No padded copy is needed."""
+    a, b, h, w = in_shape
+    r = _host_np.arange(ho)[:, None] * stride + _host_np.arange(size)[None, :]   # (Ho, k)
+    c = _host_np.arange(wo)[:, None] * stride + _host_np.arange(size)[None, :]   # (Wo, k)
+    valid = ((r < h)[:, None, :, None] & (c < w)[None, :, None, :]).reshape(ho, wo, -1)
+
+    def build():
+        within = (_host_np.minimum(r, h - 1)[:, None, :, None] * w
+                  + _host_np.minimum(c, w - 1)[None, :, None, :]).reshape(ho, wo, -1)
+        maps = _host_np.arange(a * b, dtype=_host_np.int64).reshape(a, b, 1, 1, 1) * (h * w)
+        return maps + within[None, None]
+    return cached_index(xp, ("clamped-windows", tuple(in_shape), size, stride, ho, wo),
+                        build), valid
+
+
 class _Pool(Layer):
+    channel_major = True
+
     def __init__(self, size: int, stride: int | None = None, ceil_mode: bool = False):
         stride = size if stride is None else stride
-        for name, val in (("size", size), ("stride", stride)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{type(self).__name__}: {name}={val!r} must be a positive "
-                                 "integer")
-        self.size, self.stride, self.ceil_mode = size, stride, bool(ceil_mode)
+        name = type(self).__name__
+        self.size = check_int(f"{name}: size", size, minimum=1)
+        self.stride = check_int(f"{name}: stride", stride, minimum=1)
+        self.ceil_mode = bool(ceil_mode)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 3:
@@ -50,107 +117,195 @@ class _Pool(Layer):
         extra_w = (wo - 1) * self.stride + self.size - w
         return ho, wo, max(extra_h, 0), max(extra_w, 0)
 
-    @staticmethod
-    def _pad_bottom_right(x, eh, ew, value):
-        if eh == 0 and ew == 0:
-            return x
-        xp = get_xp(x)
-        n, c, h, w = x.shape
-        out = xp.full((n, c, h + eh, w + ew), value, dtype=x.dtype)
-        out[:, :, :h, :w] = x
-        return out
+    def _cols(self, a, v, wo):
+        """Columns v, v + s, ... of ``a`` (one per output column): a strided view."""
+        return a[:, :, :, v:v + self.stride * (wo - 1) + 1:self.stride]
 
-    def _window(self, u, v, ho, wo):
-        s = self.stride
-        return slice(u, u + s * (ho - 1) + 1, s), slice(v, v + s * (wo - 1) + 1, s)
-
-    def _offsets(self):
-        for u in range(self.size):
-            for v in range(self.size):
-                yield u * self.size + v, u, v
+    def _rows(self, a, u, ho):
+        """Rows u, u + s, ... of ``a`` (one per output row): a strided view."""
+        return a[:, :, u:u + self.stride * (ho - 1) + 1:self.stride]
 
 
 class MaxPool2d(_Pool):
     """Max over each size x size window.  The derivative goes to the first maximiser of each
-    window (row-major offset order); padding cells are -inf and never win."""
+    window (row-major offset order); padding cells are -inf and never win.
+
+    The forward pass finds each window's winner and keeps its flat position in the padded
+    input; the backward pass is then one scatter-add of dout at those positions and the
+    forward-mode pass one gather.  On NumPy the winner comes from separable passes,
+    m[r, ow] = max_v x[r, s ow + v] (first winner v*), then out = max_u m[s oh + u, ow] (first
+    winner u*): the first maximiser in row-major order is (u*, v*(s oh + u*, ow)).  Elsewhere
+    it is an argmax over the gathered windows.  ``cache[0]`` is the winner's offset
+    u* size + v*.
+    """
+
+    def _partial(self, a, axis: int, offset: int, n_out: int):
+        """Cells offset, offset + s, ... of ``a`` along ``axis`` (2 or 3) that lie inside it:
+        a strided view of at most ``n_out`` entries (fewer for a partial border window)."""
+        size = a.shape[axis]
+        count = min(n_out, max(0, -(-(size - offset) // self.stride)))
+        sl = slice(offset, offset + self.stride * (count - 1) + 1, self.stride)
+        return a[:, :, sl] if axis == 2 else a[:, :, :, sl]
+
+    def _winners(self, x, ho, wo):
+        """(out, offset u*size + v*, flat position in C-contiguous ``x``) of each window's
+        first max, by separable passes over strided views (NumPy); partial border windows
+        simply have fewer views, so no padded copy is made."""
+        xp = get_xp(x)
+        k, (a, b, h, w) = self.size, x.shape
+        cols = [self._partial(x, 3, v, wo) for v in range(k)]
+        m, av = _first_max(cols)
+        rows = [self._partial(m, 2, u, ho) for u in range(k)]
+        out, au = _first_max(rows)
+        # v* of the winning row: av read at row s*oh + u* of the (A, B, H, Wo) row maxima
+        row_of = flat_index(xp, (a, b, ho, wo), (b * h * wo, h * wo, self.stride * wo, 1))
+        v_star = xp.take(av.reshape(-1), row_of + au.astype(xp.int64) * wo)
+        arg = au.astype(xp.int32) * k + v_star
+        base = flat_index(xp, (a, b, ho, wo), (b * h * w, h * w, self.stride * w, self.stride))
+        return out, arg, base + (au.astype(xp.int64) * w + v_star)
 
     def forward(self, x, W=None, ctx=None):
         xp = get_xp(x)
-        ho, wo, eh, ew = self._geometry(x)
-        xpad = self._pad_bottom_right(x, eh, ew, -xp.inf)
-        best = arg = None
-        for k, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            cand = xpad[:, :, r, s]
-            if best is None:
-                best = cand.copy()
-                arg = xp.zeros(cand.shape, dtype=xp.int32)
-            else:
-                better = cand > best
-                best = xp.where(better, cand, best)
-                arg = xp.where(better, xp.asarray(k, dtype=xp.int32), arg)
-        return best, (arg, x.shape, eh, ew)
+        ho, wo, _, _ = self._geometry(x)
+        if few_launches(xp):          # one gather of the clamped windows, one argmax
+            index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
+            xc = _pad(x, 0, 0, 0, 0.0)
+            win = xp.take(xc.reshape(-1), index)
+            arg = xp.argmax(win, axis=-1)
+            where = xp.take_along_axis(index, arg[..., None], axis=-1)[..., 0]
+            return xp.max(win, axis=-1), (arg, where, x.shape, x.shape)
+        out, arg, where = self._winners(x, ho, wo)
+        return out, (arg, where, x.shape, x.shape)
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
-        arg, (n, c, h, w), eh, ew = cache
-        ho, wo = dout.shape[2:]
-        dxpad = xp.zeros((n, c, h + eh, w + ew), dtype=dout.dtype)
-        zero = xp.zeros((), dtype=dout.dtype)
-        for k, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            dxpad[:, :, r, s] += xp.where(arg == k, dout, zero)
+        _, where, padded_shape, (_, _, h, w) = cache
+        dxpad = xp.zeros(padded_shape, dtype=dout.dtype)
+        scatter_add(dxpad, where, dout)
         return dxpad[:, :, :h, :w], None
+
+    def infer(self, x, W=None, ctx=None):
+        xp = get_xp(x)
+        ho, wo, _, _ = self._geometry(x)
+        if few_launches(xp):
+            index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
+            return xp.max(xp.take(_pad(x, 0, 0, 0, 0.0).reshape(-1), index), axis=-1)
+        m = _first_max([self._partial(x, 3, v, wo) for v in range(self.size)], False)[0]
+        return _first_max([self._partial(m, 2, u, ho) for u in range(self.size)], False)[0]
 
     def jvp(self, dx, cache, W=None, dW=None):
         xp = get_xp(dx)
-        arg, _, eh, ew = cache
-        ho, wo = arg.shape[2:]
-        dxpad = self._pad_bottom_right(dx, eh, ew, 0.0)
-        out = xp.zeros(arg.shape, dtype=dx.dtype)
-        for k, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            out = xp.where(arg == k, dxpad[:, :, r, s], out)
-        return out
+        _, where, (_, _, hp, wp), (_, _, h, w) = cache
+        dxpad = _pad(dx, 0, hp - h, wp - w, 0.0)
+        return xp.take(dxpad.reshape(-1), where)
+
+
+def _first_max(views, with_index: bool = True):
+    """Elementwise max over strided views whose first entries line up (later views may be
+    shorter along the last reduced positions: partial border windows), and the index (int8)
+    of the first view attaining it: the number of leading views that miss it (byte compares,
+    ands and adds only; where a view is absent the max was already attained)."""
+    xp = get_xp(views[0])
+    best = views[0].copy()
+    for v in views[1:]:
+        part = best[tuple(slice(0, n) for n in v.shape)]
+        xp.maximum(part, v, out=part)
+    if not with_index:
+        return best, None
+    miss = views[0] != best
+    first = miss.astype(xp.int8)
+    for v in views[1:-1]:
+        region = tuple(slice(0, n) for n in v.shape)
+        miss[region] &= v != best[region]
+        first += miss
+    return best, first
+
+
+def _sum_views(views, op=None):
+    """Sum (or ``op``, e.g. maximum) of equally shaped views into a new array: len(views) - 1
+    launches (one copy for a single view)."""
+    op = get_xp(views[0]).add if op is None else op
+    if len(views) == 1:
+        return views[0].copy()
+    out = op(views[0], views[1])
+    for v in views[2:]:
+        op(out, v, out=out)
+    return out
 
 
 class AvgPool2d(_Pool):
     """Mean over each window of the cells that lie inside the input (cuda-convnet divides a
     partial border window by the number of cells it covers)."""
 
-    def _sum_windows(self, xpad, ho, wo):
-        out = None
-        for _, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            out = xpad[:, :, r, s].copy() if out is None else out + xpad[:, :, r, s]
-        return out
+    def __init__(self, size: int, stride: int | None = None, ceil_mode: bool = False):
+        super().__init__(size, stride, ceil_mode)
+        self._count_cache: dict = {}
 
-    def _counts(self, like, h, w, ho, wo, eh, ew):
+    def _counts(self, like, h, w, ho, wo):
+        """Cells of the input in each window, (1, 1, Ho, Wo): a product of per-axis counts,
+        computed on the host once per input size and namespace."""
         xp = get_xp(like)
-        ones = xp.ones((1, 1, h, w), dtype=like.dtype)
-        return self._sum_windows(self._pad_bottom_right(ones, eh, ew, 0.0), ho, wo)
+        key = (id(xp), str(like.dtype), h, w)
+        counts = self._count_cache.get(key)
+        if counts is None:
+            s, k = self.stride, self.size
+            rows = _host_np.array([min(o * s + k, h) - o * s for o in range(ho)], float)
+            cols = _host_np.array([min(o * s + k, w) - o * s for o in range(wo)], float)
+            counts = asarray_like(_host_np.outer(rows, cols)[None, None], like)
+            self._count_cache[key] = counts
+        return counts
+
+    def _weights(self, like, h, w, ho, wo):
+        """1/count at the real cells of each clamped window, 0 at the duplicates:
+        (Ho, Wo, size*size), on the device of ``like``, once per input size."""
+        xp = get_xp(like)
+        key = ("weights", id(xp), str(like.dtype), h, w)
+        weights = self._count_cache.get(key)
+        if weights is None:
+            _, valid = _clamped_windows(xp, (1, 1, h, w), self.size, self.stride, ho, wo)
+            weights = asarray_like(valid / valid.sum(axis=-1, keepdims=True), like)
+            self._count_cache[key] = weights
+        return weights
+
+    def _average(self, x, ho, wo, eh, ew):
+        """Window means of ``x``: on NumPy separable sums over the zero-padded input divided
+        by the counts; elsewhere one gather of the clamped windows and a weighted sum."""
+        xp = get_xp(x)
+        h, w = x.shape[2:]
+        if few_launches(xp):
+            index, _ = _clamped_windows(xp, x.shape, self.size, self.stride, ho, wo)
+            win = xp.take(_pad(x, 0, 0, 0, 0.0).reshape(-1), index)
+            return xp.sum(win * self._weights(x, h, w, ho, wo), axis=-1)
+        xpad = _pad(x, 0, eh, ew, 0.0)
+        r = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)])
+        out = _sum_views([self._rows(r, u, ho) for u in range(self.size)])
+        out /= self._counts(x, h, w, ho, wo)
+        return out
 
     def forward(self, x, W=None, ctx=None):
         ho, wo, eh, ew = self._geometry(x)
-        counts = self._counts(x, x.shape[2], x.shape[3], ho, wo, eh, ew)
-        out = self._sum_windows(self._pad_bottom_right(x, eh, ew, 0.0), ho, wo) / counts
-        return out, (x.shape, eh, ew, counts)
+        return self._average(x, ho, wo, eh, ew), (x.shape, eh, ew, (ho, wo))
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
-        (n, c, h, w), eh, ew, counts = cache
-        ho, wo = dout.shape[2:]
-        g = dout / counts
-        dxpad = xp.zeros((n, c, h + eh, w + ew), dtype=dout.dtype)
-        for _, u, v in self._offsets():
-            r, s = self._window(u, v, ho, wo)
-            dxpad[:, :, r, s] += g
+        (a, b, h, w), eh, ew, (ho, wo) = cache
+        if few_launches(xp):          # adjoint of the weighted gather: one scatter-add
+            index, _ = _clamped_windows(xp, (a, b, h, w), self.size, self.stride, ho, wo)
+            dx = xp.zeros((a, b, h, w), dtype=dout.dtype)
+            scatter_add(dx, index, dout[..., None] * self._weights(dout, h, w, ho, wo))
+            return dx, None
+        g = dout / self._counts(dout, h, w, ho, wo)
+        dr = xp.zeros((a, b, h + eh, wo), dtype=dout.dtype)
+        for u in range(self.size):
+            self._rows(dr, u, ho)[...] += g
+        dxpad = xp.zeros((a, b, h + eh, w + ew), dtype=dout.dtype)
+        for v in range(self.size):
+            self._cols(dxpad, v, wo)[...] += dr
         return dxpad[:, :, :h, :w], None
 
     def jvp(self, dx, cache, W=None, dW=None):
-        _, eh, ew, counts = cache
-        ho, wo = counts.shape[2:]
-        return self._sum_windows(self._pad_bottom_right(dx, eh, ew, 0.0), ho, wo) / counts
+        _, eh, ew, (ho, wo) = cache
+        return self._average(dx, ho, wo, eh, ew)
 
 
 class ResponseNorm(Layer):
@@ -159,45 +314,84 @@ class ResponseNorm(Layer):
     The window is centred (offsets -(size//2) .. size-1-size//2 on each axis), within one map,
     and cells outside the map contribute 0.  Default constants are the CIFAR-10 "18%" net's
     (size 3, scale 5e-5, power 0.75).  Writing D = 1 + c * box(x^2) with c = scale/size^2:
-    dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).
+    dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).  The box sum is separable (a
+    1-D sum over columns, then over rows) on NumPy and one window gather times a constant
+    vector elsewhere; its field is written straight into a zero-bordered buffer (``out=``).
     """
 
-    def __init__(self, size: int = 3, scale: float = 5e-5, power: float = 0.75):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"ResponseNorm: size={size!r} must be a positive integer")
-        if not scale >= 0 or not power >= 0:
-            raise ValueError(f"ResponseNorm: scale={scale!r} and power={power!r} must be >= 0")
-        self.size, self.scale, self.power = size, float(scale), float(power)
+    channel_major = True
 
-    def _box(self, z, transpose=False):
-        """Sum of z over the window around each cell (or the transposed window)."""
-        lo = -(self.size // 2)
-        offsets = range(lo, lo + self.size)
-        pad = self.size
-        zpad = pad_spatial(z, pad)
-        h, w = z.shape[2:]
-        out = None
-        for du in offsets:
-            for dv in offsets:
-                a, b = (-du, -dv) if transpose else (du, dv)
-                part = zpad[:, :, pad + a:pad + a + h, pad + b:pad + b + w]
-                out = part.copy() if out is None else out + part
+    def __init__(self, size: int = 3, scale: float = 5e-5, power: float = 0.75):
+        self.size = check_int("ResponseNorm: size", size, minimum=1)
+        self.scale = check_number("ResponseNorm: scale", scale, minimum=0.0)
+        self.power = check_number("ResponseNorm: power", power, minimum=0.0)
+
+    def _padded(self, z):
+        """A zero (A, B, H + 2 lo, W + 2 lo) array (lo = size // 2, the widest reach of the
+        window and of its transpose) and its interior view, into which the caller writes the
+        field to be box-summed."""
+        xp = get_xp(z)
+        a, b, h, w = z.shape
+        lo = self.size // 2
+        buf = xp.zeros((a, b, h + 2 * lo, w + 2 * lo), dtype=z.dtype)
+        return buf, buf[:, :, lo:lo + h, lo:lo + w]
+
+    def _box(self, buf, h, w, transpose=False, weight: float = 1.0):
+        """``weight`` times the sum over the window around each cell (or the transposed
+        window) of the field held in the interior of ``buf`` (from :meth:`_padded`).  NumPy:
+        separable, 2(size-1) additions and a scaling; elsewhere one gather of every window and
+        one product with the constant weight vector."""
+        xp = get_xp(buf)
+        lo = self.size // 2
+        offsets = range(-lo, self.size - lo)
+        starts = [lo - d if transpose else lo + d for d in offsets]
+        if few_launches(xp):
+            first, wp = min(starts), buf.shape[3]
+            a, b, hp, _ = buf.shape
+            shape = (a, b, h, w, self.size, self.size)
+            strides = (b * hp * wp, hp * wp, wp, 1, wp, 1)
+            win = strided_gather(buf, shape, strides, offset=first * wp + first)
+            ones = cached_index(xp, ("box", self.size, weight, str(buf.dtype)),
+                                lambda: _host_np.full(self.size ** 2, weight, buf.dtype))
+            return win.reshape(a, b, h, w, -1) @ ones
+        r = _sum_views([buf[:, :, :, s:s + w] for s in starts])
+        out = _sum_views([r[:, :, s:s + h] for s in starts])
+        if weight != 1.0:
+            out *= weight
         return out
 
     def forward(self, x, W=None, ctx=None):
         _check_rank(x, 4, "ResponseNorm")
+        xp = get_xp(x)
         c = self.scale / self.size ** 2
-        denom = 1 + c * self._box(x * x)
+        buf, inner = self._padded(x)
+        xp.multiply(x, x, out=inner)
+        denom = self._box(buf, *x.shape[2:], weight=c)
+        denom += 1
         scale = denom ** (-self.power)
         return x * scale, (x, denom, scale)
 
     def backward(self, dout, cache, W=None):
+        xp = get_xp(dout)
         x, denom, scale = cache
         c = self.scale / self.size ** 2
-        inner = dout * x * scale / denom
-        return dout * scale - 2 * c * self.power * x * self._box(inner, transpose=True), None
+        g = dout * scale
+        buf, inner = self._padded(x)
+        xp.multiply(g, x, out=inner)
+        inner /= denom
+        t = self._box(buf, *x.shape[2:], transpose=True, weight=2 * c * self.power)
+        t *= x
+        g -= t
+        return g, None
 
     def jvp(self, dx, cache, W=None, dW=None):
+        xp = get_xp(dx)
         x, denom, scale = cache
         c = self.scale / self.size ** 2
-        return dx * scale - 2 * c * self.power * x * scale / denom * self._box(x * dx)
+        buf, inner = self._padded(x)
+        xp.multiply(x, dx, out=inner)
+        t = self._box(buf, *x.shape[2:], weight=2 * c * self.power)
+        t *= x
+        t *= scale
+        t /= denom
+        return dx * scale - t

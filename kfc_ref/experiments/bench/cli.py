@@ -8,9 +8,10 @@ import sys
 from kfc_ref.backend import namespace_for
 
 
-def run_cli(name: str, description: str, argv, compute) -> int:
-    """Parse the shared options, check the device, run ``compute(args) -> dict``, print it
-    (as one JSON line with ``--json``).  Returns the exit code."""
+def run_cli(name: str, description: str, argv, compute, extra=()) -> int:
+    """Parse the shared options (and ``extra``: (flags, argparse keywords) pairs), check the
+    device, run ``compute(args) -> dict``, print it (as one JSON line with ``--json``).
+    Returns the exit code."""
     parser = argparse.ArgumentParser(prog=f"python -m kfc_ref bench {name}",
                                      description=description)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
@@ -19,6 +20,8 @@ def run_cli(name: str, description: str, argv, compute) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    for flags, kwargs in extra:
+        parser.add_argument(*flags, **kwargs)
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be a positive integer, got {args.batch}")
