@@ -1,4 +1,4 @@
-"""Tests for kfc_ref.theory.correlation: the SUD-analysis estimators (Appendix D.1, Figures 3 and 4).
+"""Tests for kfc_ref.theory.correlation: the SUD-analysis estimators (App. D.1, Figures 3 and 4).
 
 (a) equality with slow Python-loop twins on drawn shapes and values;
 (b) white noise -> off-centre correlations are O(1/sqrt(#pairs));

@@ -1,4 +1,5 @@
-"""Tests for kfc_ref.curvature.damping: pi (Eq. 8), factored damping (Eqs. 7, 20-22), exact damping (App. B.2).
+"""Tests for kfc_ref.curvature.damping: pi (Eq. 8), factored damping (Eqs. 7, 20-22), exact
+damping (App. B.2).
 
 * Eq. 7's residual is pi r (I kron Gamma) + (r/pi) (Omega kron I) exactly, and pi_trace (Eq. 8
   with the trace norm) is the argmin of the triangle-inequality bound on its trace norm, checked
@@ -102,7 +103,8 @@ def test_eq7_residual_is_the_two_cross_terms(dtype, pair, damping):
     Om, Ga = Omega.astype(dtype), Gamma.astype(dtype)
     r, pi = np.sqrt(damping), pi_trace(Om, Ga)
     eo, eg = np.eye(Om.shape[0], dtype=dtype), np.eye(Ga.shape[0], dtype=dtype)
-    lhs = np.kron(Om + pi * r * eo, Ga + (r / pi) * eg) - (np.kron(Om, Ga) + r * r * np.kron(eo, eg))
+    lhs = (np.kron(Om + pi * r * eo, Ga + (r / pi) * eg)
+           - (np.kron(Om, Ga) + r * r * np.kron(eo, eg)))
     rhs = pi * r * np.kron(eo, Ga) + (r / pi) * np.kron(Om, eg)
     assert rel_err(lhs, rhs) <= RESIDUAL_RTOL[dtype] * max(1.0, np.abs(lhs).max())
 

@@ -1,4 +1,5 @@
-"""Tests for kfc_ref.curvature.fisher: per-example gradients and the exact Fisher (Eq. 3) of tiny nets.
+"""Tests for kfc_ref.curvature.fisher: per-example gradients and the exact Fisher (Eq. 3) of tiny
+nets.
 
 (a) per-example gradients equal single-example backward passes (loop twin) and average to the
     batch gradient;

@@ -1,4 +1,5 @@
-"""Tests for the forward-mode passes and kfc_ref.curvature.fvp (exact Fisher quadratic forms, K-FAC App. J).
+"""Tests for the forward-mode passes and kfc_ref.curvature.fvp (exact Fisher quadratic forms,
+K-FAC App. J).
 
 (a) every layer's ``jvp`` equals centred finite differences of its ``forward`` (float64, drawn
     shapes; kinks of ReLU and ties of max-pooling are kept away from the perturbation);
@@ -154,7 +155,8 @@ def test_fisher_quadratic_equals_dense_fisher(seed):
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v), fu @ F @ fv,
                                rtol=DENSE_RTOL)
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u), fu @ F @ fu, rtol=DENSE_RTOL)
-    # The backprop-built true Fisher (one backward pass per class, kfc_ref.curvature.fisher) agrees too.
+    # The backprop-built true Fisher (one backward pass per class, kfc_ref.curvature.fisher)
+    # agrees too.
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v),
                                fu @ true_fisher(net, params, x) @ fv, rtol=DENSE_RTOL)
     # Negative control: F_R = diag(p) alone (dropping -p p^T) is a different quadratic form.

@@ -1,4 +1,5 @@
-"""Tests for the optimizer interface, SGD and KFC-pre (kfc_ref.optim.base, kfc_ref.optim.kfc_pre; App. B.1).
+"""Tests for the optimizer interface, SGD and KFC-pre (kfc_ref.optim.base, kfc_ref.optim.kfc_pre;
+App. B.1).
 
 (a) one KFC-pre step (no momentum, no clipping, given factors) equals the dense solve with the
     damped block-diagonal approximate Fisher (Omega + pi r I) kron (Gamma + r/pi I),

@@ -1,9 +1,10 @@
 """Tests for Theorem 2 (Eq. 23, 54-69): the Gram estimators of Omega and Gamma, which
-``kfc_ref.curvature.factors`` implements, against the beta-weighted construction of Theorem 1, and the
-special cases where KFC is exact.
+``kfc_ref.curvature.factors`` implements, against the beta-weighted construction of Theorem 1,
+and the special cases where KFC is exact.
 
 (a) under exact SH statistics E[[[A]]_H^T [[A]]_H] equals
-    beta(delta,delta') Omega(j,j',delta'-delta) entrywise, with the beta(delta) M(j) bias row and |T| corner; E[DS^T DS]/|T| = Gamma(0);
+    beta(delta,delta') Omega(j,j',delta'-delta) entrywise, with the beta(delta) M(j) bias row
+    and |T| corner; E[DS^T DS]/|T| = Gamma(0);
 (b) the Gram estimator is unbiased (seeded MC) and always PSD; the plug-in estimator is not
     (a fixed counterexample kept as a regression test);
 (c) a 1x1 conv on a 1x1 map is K-FAC's dense layer (same gradients, factors, Fisher);
@@ -16,7 +17,9 @@ from hypothesis import given, strategies as st
 
 from kfc_ref.nn.expand import ConvGeometry, im2col
 from kfc_ref.curvature.factors import gamma_from_derivatives, network_factors, omega_from_patches
-from kfc_ref.curvature.fisher import exact_layer_factors, fisher_blocks, per_example_gradients, true_fisher
+from kfc_ref.curvature.fisher import (
+    exact_layer_factors, fisher_blocks, per_example_gradients, true_fisher,
+)
 from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
 from kfc_ref.nn.network import Sequential
 from kfc_ref.theory.theorem1 import (

@@ -48,7 +48,8 @@ def cifar10_convnet(pool: str = "max", input_shape=(3, 32, 32), num_classes: int
     if pool not in ("max", "avg"):
         raise ValueError(f"pool={pool!r} is not supported; use 'max' or 'avg'")
     c, h, w = input_shape
-    first_pool = MaxPool2d(3, 2, ceil_mode=True) if pool == "max" else AvgPool2d(3, 2, ceil_mode=True)
+    pool_class = MaxPool2d if pool == "max" else AvgPool2d
+    first_pool = pool_class(3, 2, ceil_mode=True)
     w1, w2, w3 = width
     layers = [
         Conv2d(c, w1, 5, padding=2),

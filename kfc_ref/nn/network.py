@@ -92,7 +92,8 @@ class Sequential:
         """Seeded initial parameters (each layer's ``init_param``) on ``device``."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; use one of {DTYPES}")
-        rng = seed if isinstance(seed, _host_np.random.Generator) else _host_np.random.default_rng(seed)
+        rng = (seed if isinstance(seed, _host_np.random.Generator)
+               else _host_np.random.default_rng(seed))
         xp = namespace_for(device)
         params = []
         for layer, shape in zip(self.layers, self.shapes):

@@ -127,7 +127,7 @@ class OptimizerState:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays, device: str = "cpu") -> "OptimizerState":
+    def from_arrays(cls, arrays, device: str = "cpu") -> OptimizerState:
         """Inverse of :meth:`to_arrays`; arrays go to ``device`` ('cpu' or 'gpu')."""
         saved = str(arrays[STATE_KEY][()]) if STATE_KEY in arrays else None
         if saved != cls.__name__:
