@@ -134,7 +134,7 @@ def test_registering_a_duplicate_name_is_an_error():
 
 
 def test_run_checks_rejects_bad_dtype():
-    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+    with pytest.raises(ValueError, match="dtype='float16' is not allowed"):
         checks.run_checks(0, "float16")
 
 
@@ -161,3 +161,9 @@ def test_all_checks_pass_on_the_gpu(capsys):
     for dtype in ("float64", "float32"):
         code, results = run_json(capsys, "--device", "gpu", "--dtype", dtype)
         assert code == 0, [r for r in results if not r["passed"]]
+
+
+def test_check_refuses_a_negative_seed(capsys):
+    with pytest.raises(SystemExit) as exc:
+        dispatcher.main(["check", "--seed", "-1"])
+    assert exc.value.code == 2 and "--seed must be an integer >= 0" in capsys.readouterr().err

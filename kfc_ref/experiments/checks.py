@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import numpy as _host_np  # host-side Generators only
 
+from kfc_ref.validate import check_choice, check_int
 from kfc_ref.backend import DEVICES, check_device, namespace_for
 from kfc_ref.nn.network import DTYPES
 
@@ -96,8 +97,8 @@ def run_checks(seed: int = 0, dtype: str = "float64", device: str = "cpu",
                names=None) -> list[CheckResult]:
     """Run the registered checks (all, or ``names``) and return their results; a check that
     raises is reported as failed with the exception in ``detail``."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {DTYPES}")
+    check_int("seed", seed, minimum=0)
+    check_choice("dtype", dtype, DTYPES)
     xp = namespace_for(device)
     load_checks()
     results = []
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.seed < 0:
+        parser.error(f"--seed must be an integer >= 0, got {args.seed}")
     results = run_checks(args.seed, args.dtype, args.device, args.only)
     if args.json:
         print(json.dumps([_json_ready(r) for r in results], indent=2))
