@@ -69,7 +69,7 @@ def dense_damped_fisher(state, damping, weight_decay, kron_order="Omega-Gamma"):
     blocks = []
     root = math.sqrt(weight_decay + damping)
     for f in state.factors:
-        Om, Ga = f.Omega, f.Gamma
+        Om, Ga = to_numpy(f.Omega), to_numpy(f.Gamma)        # host, also for device states
         pi = pi_trace(Om, Ga)
         Om_d = Om + pi * root * np.eye(Om.shape[0])
         Ga_d = Ga + root / pi * np.eye(Ga.shape[0])
@@ -80,8 +80,10 @@ def dense_damped_fisher(state, damping, weight_decay, kron_order="Omega-Gamma"):
 # --------------------------------------------------------------------------- (a)
 @settings(max_examples=8)
 @given(st.integers(0, 2**31), st.sampled_from([1e-3, 1e-2, 0.3]), st.sampled_from([0.0, 1e-3]))
-def test_kfc_pre_step_equals_dense_damped_solve(seed, damping, weight_decay):
-    net, params, x, y = tiny_problem(seed)
+def test_kfc_pre_step_equals_dense_damped_solve(to_xp, seed, damping, weight_decay):
+    """The step on the --xp module; the dense solve on the host."""
+    net, host_params, host_x, host_y = tiny_problem(seed)
+    params, x, y = [to_xp(p) for p in host_params], to_xp(host_x), to_xp(host_y)
     opt = KFCPre(lr=0.1, momentum=0.0, damping=damping, weight_decay=weight_decay, clip=None,
                  stats_period=NEVER, inverse_period=NEVER, averaging_tau=0)
     rng = np.random.default_rng(seed)
@@ -89,8 +91,8 @@ def test_kfc_pre_step_equals_dense_damped_solve(seed, damping, weight_decay):
                                    [x[:4], x[4:]], rng)
     new_params, state, info = opt.step(state, net, params, (x, y), rng)
     assert not info["stats_updated"] and not info["inverses_updated"]
-    step = net.flatten(new_params) - net.flatten(params)
-    g = decayed_gradient(net, params, x, y, weight_decay)
+    step = to_numpy(net.flatten(new_params)) - net.flatten(host_params)
+    g = decayed_gradient(net, host_params, host_x, host_y, weight_decay)
     want = -0.1 * np.linalg.solve(dense_damped_fisher(state, damping, weight_decay), g)
     assert np.linalg.norm(step - want) <= SOLVE_RTOL * np.linalg.norm(want)
     # Negative control: Gamma kron Omega is the row-major (wrong) order for our flat vector.
@@ -98,8 +100,8 @@ def test_kfc_pre_step_equals_dense_damped_solve(seed, damping, weight_decay):
     wrong = -0.1 * np.linalg.solve(swapped, g)
     assert np.linalg.norm(wrong - want) > 1e-3 * np.linalg.norm(want)
     # Averaging off (tau = 0): theta_bar is theta.
-    np.testing.assert_array_equal(net.flatten(opt.averaged_params(net, state)),
-                                  net.flatten(new_params))
+    np.testing.assert_array_equal(to_numpy(net.flatten(opt.averaged_params(net, state))),
+                                  to_numpy(net.flatten(new_params)))
 
 
 def test_initial_factors_are_the_mean_of_batch_estimates():
@@ -397,12 +399,15 @@ def test_overhead_benchmark_runs_in_quick_mode():
                                      ("kfc-pre", {"lr": 0.01, "stats_period": 2}),
                                      ("kfac", {"lm_period": 2, "gamma_period": 2,
                                                "inverse_period": 2})])
-def test_optimizers_stay_in_a_second_array_namespace(name, kw):
-    """The guarded namespace (tests/guarded_xp.py) stands in for CuPy: any NumPy call on, or
-    host array mixed into, a device array raises; results must match NumPy's."""
+def test_optimizers_stay_in_a_second_array_namespace(name, kw, to_xp, xp, xp_name):
+    """Three steps on the --xp module (the guarded namespace when --xp numpy, as the CuPy
+    stand-in: any NumPy call on, or host array mixed into, a device array raises) match
+    NumPy's."""
+    if xp_name == "numpy":
+        to_xp, xp = asguarded, guarded
     net, params, x, y = tiny_problem(7, n=16)
     runs = {}
-    for to_device in (np.asarray, asguarded):
+    for to_device in (np.asarray, to_xp):
         opt = make_optimizer(name, **kw)
         ps = [None if p is None else to_device(p) for p in params]
         rng = np.random.default_rng(3)
@@ -411,8 +416,8 @@ def test_optimizers_stay_in_a_second_array_namespace(name, kw):
             batch = (to_device(x[4 * k:4 * k + 8]), to_device(y[4 * k:4 * k + 8]))
             ps, state, info = opt.step(state, net, ps, batch, rng)
         runs[to_device] = (ps, state, info)
-    ps, state, info = runs[asguarded]
-    assert all(get_xp(w) is guarded for w in compact(net, ps) + state.theta_bar)
+    ps, state, info = runs[to_xp]
+    assert all(get_xp(w) is xp for w in compact(net, ps) + state.theta_bar)
     np.testing.assert_allclose(to_numpy(net.flatten(ps)),
                                net.flatten(runs[np.asarray][0]), rtol=1e-9)
     assert info.keys() == runs[np.asarray][2].keys()
