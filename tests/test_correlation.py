@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.theory.correlation import (
     DEFAULT_MAX_OFFSET,
     cross_map_correlation,
@@ -123,10 +124,10 @@ def fields(draw, max_n=3, max_c=2, max_hw=6):
 
 
 @given(field=fields(), max_offset=st.integers(0, 8), centered=st.booleans())
-def test_autocorrelation_matches_slow_twin(field, max_offset, centered):
+def test_autocorrelation_matches_slow_twin(to_xp, field, max_offset, centered):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = spatial_autocorrelation(field, max_offset, centered=centered)
+        got = to_numpy(spatial_autocorrelation(to_xp(field), max_offset, centered=centered))
     want = slow_autocorrelation(field, max_offset, centered=centered)
     n, c, h, w = field.shape
     assert got.shape == (c, 2 * min(max_offset, h - 1) + 1, 2 * min(max_offset, w - 1) + 1)
@@ -140,12 +141,12 @@ def test_autocorrelation_matches_slow_twin(field, max_offset, centered):
 
 
 @given(field=fields(max_n=5, max_c=4, max_hw=4), centered=st.booleans(), data=st.data())
-def test_cross_map_matches_slow_twin(field, centered, data):
+def test_cross_map_matches_slow_twin(to_xp, field, centered, data):
     n, c, h, w = field.shape
     location = data.draw(st.none() | st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = cross_map_correlation(field, location, centered=centered)
+        got = to_numpy(cross_map_correlation(to_xp(field), location, centered=centered))
     want = slow_cross_map(field, location, centered=centered)
     assert got.shape == (c, c) and got.dtype == field.dtype
     np.testing.assert_allclose(got, want, rtol=TWIN_RTOL, atol=TWIN_ATOL, equal_nan=True)
