@@ -417,29 +417,25 @@ def test_summary_accepts_single_map_panel():
         float(np.abs(np.delete(a[0].ravel(), 12)).mean()))
 
 
-# --------------------------------------------------------------------------- GPU (optional)
-
-@pytest.mark.gpu
-def test_cupy_matches_numpy():
-    from kfc_ref.backend import gpu_unavailable_reason, to_device, to_numpy
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    import cupy as cp
+# --------------------------------------------------------------------------- the --xp module
+def test_matches_numpy_on_the_module_under_test(to_xp, xp):
+    """Autocorrelation, cross-map and summary on the --xp module (CuPy under --xp cupy)
+    stay in it and equal the NumPy results, a dead map (NaN) included."""
+    from kfc_ref.backend import get_xp
     rng = np.random.default_rng(60)
     f = box_filtered_noise(rng, 30, 3, 9, 11, 2, 3)
     f[:, 2] = 0.0
-    g = to_device(f, "gpu")
+    g = to_xp(f)
     for centered in (False, True):
         a = spatial_autocorrelation(g, 4, centered=centered)
-        assert isinstance(a, cp.ndarray)
+        assert get_xp(a) is xp
         np.testing.assert_allclose(to_numpy(a), spatial_autocorrelation(f, 4, centered=centered),
                                    rtol=1e-12, atol=1e-12, equal_nan=True)
         c = cross_map_correlation(g, (2, 3), centered=centered)
-        assert isinstance(c, cp.ndarray)
+        assert get_xp(c) is xp
         np.testing.assert_allclose(to_numpy(c), cross_map_correlation(f, (2, 3), centered=centered),
                                    rtol=1e-12, atol=1e-12, equal_nan=True)
     m = mean_offcentre_correlation(spatial_autocorrelation(g, 4))
-    assert isinstance(m, cp.ndarray)
+    assert get_xp(m) is xp
     assert float(m) == pytest.approx(float(mean_offcentre_correlation(
         spatial_autocorrelation(f, 4))), rel=1e-12)
