@@ -138,8 +138,10 @@ def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
 
 
 # --------------------------------------------------------------------------- (b)
-def test_clipping_rescales_nu_to_exactly_C():
-    net, params, x, y = tiny_problem(1)
+def test_clipping_rescales_nu_to_exactly_C(to_xp):
+    """The clipped step on the --xp module (the scale is computed on the device)."""
+    net, host_params, host_x, y = tiny_problem(1)
+    params, x, y = [to_xp(p) for p in host_params], to_xp(host_x), to_xp(y)
     kw = dict(lr=1.0, momentum=0.0, damping=1e-3, weight_decay=1e-3, nu_fraction=1.0,
               stats_period=NEVER, inverse_period=NEVER, averaging_tau=0)
     steps = {}
@@ -148,10 +150,11 @@ def test_clipping_rescales_nu_to_exactly_C():
         rng = np.random.default_rng(3)
         state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
         new_params, _, info = opt.step(state, net, params, (x, y), rng)
-        steps[clip] = (net.flatten(new_params) - net.flatten(params), info)
+        info = {k: to_numpy(info[k]).item() for k in ("clipped", "nu")}
+        steps[clip] = (to_numpy(net.flatten(new_params)) - net.flatten(host_params), info)
     v, info = steps[0.3]
     assert info["clipped"] and info["nu"] > 0.3
-    nu_after = fisher_quadratic(net, params, x, net.unflatten(v)) + 1e-3 * v @ v
+    nu_after = fisher_quadratic(net, host_params, host_x, net.unflatten(v)) + 1e-3 * v @ v
     np.testing.assert_allclose(nu_after, 0.3, rtol=CLIP_RTOL)
     v_free, info_free = steps[1e12]
     assert not info_free["clipped"]
@@ -181,16 +184,19 @@ def test_clip_scope_step_bounds_the_momentum_sum():
 
 
 # --------------------------------------------------------------------------- (c)
-def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand():
+def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand(to_xp):
+    """The two steps on the --xp module; the recursion by hand on the host."""
     net, params, x, y = tiny_problem(2)
+    d_params, d_x, d_y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     lr, mu, lam, tau = 0.05, 0.9, 1e-2, 3.0
     xi = math.exp(-1 / tau)
     opt = SGD(lr=lr, momentum=mu, weight_decay=lam, averaging_tau=tau)
-    state = opt.init_state(net, params)
+    state = opt.init_state(net, d_params)
     rng = np.random.default_rng(0)
-    assert opt.initialize_factors(state, net, params, [x], rng) is state   # no curvature
-    p1_params, state, _ = opt.step(state, net, params, (x, y), rng)
-    p2_params, state, info = opt.step(state, net, p1_params, (x[::-1], y[::-1]), rng)
+    assert opt.initialize_factors(state, net, d_params, [d_x], rng) is state   # no curvature
+    p1_params, state, _ = opt.step(state, net, d_params, (d_x, d_y), rng)
+    p2_params, state, info = opt.step(state, net, p1_params, (d_x[::-1], d_y[::-1]), rng)
+    p1_params, p2_params = ([to_numpy(p) for p in ps] for ps in (p1_params, p2_params))
     th0 = net.flatten(params)
     v1 = -lr * decayed_gradient(net, params, x, y, lam)
     th1 = th0 + v1
@@ -199,7 +205,7 @@ def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand():
     bar2 = xi * (xi * th0 + (1 - xi) * th1) + (1 - xi) * th2
     np.testing.assert_allclose(net.flatten(p1_params), th1, rtol=RECURSION_RTOL)
     np.testing.assert_allclose(net.flatten(p2_params), th2, rtol=RECURSION_RTOL)
-    np.testing.assert_allclose(net.flatten(opt.averaged_params(net, state)), bar2,
+    np.testing.assert_allclose(to_numpy(net.flatten(opt.averaged_params(net, state))), bar2,
                                rtol=RECURSION_RTOL)
     assert info["k"] == 2 and set(info) == {"k", "loss"}
 
@@ -243,8 +249,9 @@ def test_factor_moving_average_decay():
         moving_average_decay(0, 0.95)
 
 
-def test_kfc_pre_refresh_schedule():
+def test_kfc_pre_refresh_schedule(to_xp):
     net, params, x, y = tiny_problem(4)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = KFCPre(lr=0.01, stats_period=2, inverse_period=3)
     state, rng = opt.init_state(net, params), np.random.default_rng(0)
     seen = []
