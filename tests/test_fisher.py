@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.curvature.factors import gamma_from_derivatives
 from kfc_ref.curvature.fisher import (
     class_records,
@@ -82,9 +83,10 @@ def _rel(a, b):
 
 # --------------------------------------------------------------------------- (a)
 @given(net_cases())
-def test_per_example_gradients_equal_single_example_backward(case):
+def test_per_example_gradients_equal_single_example_backward(to_xp, case):
+    """Per-example gradients on the --xp module; the loop twin on the host."""
     net, params, x, y = case
-    G = per_example_gradients(net, params, x, y)
+    G = to_numpy(per_example_gradients(net, [to_xp(p) for p in params], to_xp(x), to_xp(y)))
     assert G.shape == (x.shape[0], net.num_params)
     for n in range(x.shape[0]):   # loop twin: one backward pass per example
         twin = _single_gradient(net, params, x[n:n + 1], y[n:n + 1])
@@ -93,10 +95,10 @@ def test_per_example_gradients_equal_single_example_backward(case):
                                rtol=EXACT_RTOL, atol=EXACT_RTOL)
 
 
-def test_layer_gradient_vectors_are_column_stacked_dW():
+def test_layer_gradient_vectors_are_column_stacked_dW(to_xp):
     rng = np.random.default_rng(0)
     A_H, DS = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 3))
-    g = layer_gradient_vectors(A_H, DS)
+    g = to_numpy(layer_gradient_vectors(to_xp(A_H), to_xp(DS)))
     for n in range(2):
         dW = DS[n].T @ A_H[n]                                   # (I, K), Eq. 28
         np.testing.assert_allclose(g[n], dW.ravel(order="F"), rtol=EXACT_RTOL)
@@ -130,9 +132,9 @@ def _fisher_via_jacobian(net, params, x):
 
 
 @given(net_cases())
-def test_true_fisher_equals_both_twins(case):
+def test_true_fisher_equals_both_twins(to_xp, case):
     net, params, x, _ = case
-    F = true_fisher(net, params, x)
+    F = to_numpy(true_fisher(net, [to_xp(p) for p in params], to_xp(x)))
     assert _rel(F, _fisher_loop_twin(net, params, x)) < EXACT_RTOL
     assert _rel(F, _fisher_via_jacobian(net, params, x)) < EXACT_RTOL
 
