@@ -114,17 +114,19 @@ def test_response_norm_forward_and_backward(size, seed, to_xp):
     assert_vjp_matches(_on_host(layer, to_xp), x, dout, dx, seed)
 
 
-def test_flatten_and_dropout():
+def test_flatten_and_dropout(to_xp):
     x = normal(0, 2, 3, 2, 2)
-    out, cache = Flatten().forward(x)
+    dx = to_xp(x)
+    out, cache = Flatten().forward(dx)
     assert out.shape == (2, 12)
-    np.testing.assert_array_equal(Flatten().backward(out, cache)[0], x)
+    np.testing.assert_array_equal(to_numpy(Flatten().backward(out, cache)[0]), x)
     drop = Dropout(0.5)
-    y, mask = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
-    assert set(np.unique(mask)) <= {0.0, 2.0}
-    np.testing.assert_array_equal(y, x * mask)
-    np.testing.assert_array_equal(drop.backward(x, mask)[0], x * mask)
-    np.testing.assert_array_equal(drop.forward(x)[0], x)          # evaluation: identity
+    y, mask = drop.forward(dx, ctx=Context(train=True, rng=np.random.default_rng(0)))
+    y, host_mask = to_numpy(y), to_numpy(mask)
+    assert set(np.unique(host_mask)) <= {0.0, 2.0}
+    np.testing.assert_array_equal(y, x * host_mask)
+    np.testing.assert_array_equal(to_numpy(drop.backward(dx, mask)[0]), x * host_mask)
+    np.testing.assert_array_equal(to_numpy(drop.forward(dx)[0]), x)   # evaluation: identity
     y2, _ = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
     np.testing.assert_array_equal(y, y2)                          # same seed, same mask
 
