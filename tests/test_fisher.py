@@ -184,12 +184,12 @@ def test_monte_carlo_fisher_converges_like_inverse_sqrt_k():
     assert lo <= err64 / err4 <= hi, (err4, err64)
 
 
-def test_monte_carlo_fisher_is_reproducible_and_symmetric():
+def test_monte_carlo_fisher_is_reproducible_and_symmetric(to_xp):
     net = tiny_net()
-    params = net.init(0, "float64")
-    x = np.random.default_rng(1).normal(size=(4,) + net.input_shape)
-    a = monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5))
-    b = monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5))
+    params = [to_xp(p) for p in net.init(0, "float64")]
+    x = to_xp(np.random.default_rng(1).normal(size=(4,) + net.input_shape))
+    a = to_numpy(monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5)))
+    b = to_numpy(monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5)))
     np.testing.assert_array_equal(a, b)
     assert _rel(a, a.T) < EXACT_RTOL
 
@@ -213,23 +213,23 @@ def test_kl_is_half_the_fisher_quadratic_form(seed):
         assert abs(kl / (eps**2 * quad) - 1) <= KL_SLOPE * eps, (eps, kl, eps**2 * quad)
 
 
-def test_kl_divergence_basics():
+def test_kl_divergence_basics(to_xp):
     rng = np.random.default_rng(0)
-    z = rng.normal(size=(4, 3))
+    z = to_xp(rng.normal(size=(4, 3)))
     assert abs(float(kl_divergence(z, z))) < 1e-15
     assert float(kl_divergence(z, z + 5.0)) == pytest.approx(0.0, abs=1e-14)  # shift-invariant
-    assert float(kl_divergence(z, rng.normal(size=(4, 3)))) > 0
+    assert float(kl_divergence(z, to_xp(rng.normal(size=(4, 3))))) > 0
 
 
 # --------------------------------------------------------------------------- (f)
-def test_empirical_fisher_is_a_different_object():
+def test_empirical_fisher_is_a_different_object(to_xp):
     net = tiny_net()
     params = net.init(0, "float64")
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8,) + net.input_shape)
     y = rng.integers(0, 3, 8)
     G = per_example_gradients(net, params, x, y)
-    E = empirical_fisher(net, params, x, y)
+    E = to_numpy(empirical_fisher(net, [to_xp(p) for p in params], to_xp(x), to_xp(y)))
     np.testing.assert_allclose(E, G.T @ G / 8, rtol=EXACT_RTOL)
     assert _rel(E, true_fisher(net, params, x)) > 1e-1
 
