@@ -57,16 +57,17 @@ def test_whole_network_gradient_matches_finite_differences(to_xp, seed):
     assert abs(fd - an) <= FD_RTOL * max(1.0, abs(an))
 
 
-def test_flat_vector_is_column_stacking_and_round_trips():
+def test_flat_vector_is_column_stacking_and_round_trips(to_xp):
     net = tiny_convnet()
     params = net.init(0, "float64")
-    theta = net.flatten(params)
+    d_theta = net.flatten([to_xp(p) for p in params])
+    theta = to_numpy(d_theta)
     assert theta.shape == (net.num_params,)
     first = params[net.param_layers[0]]
     np.testing.assert_array_equal(theta[:first.size], first.ravel(order="F"))
-    back = net.unflatten(theta)
+    back = net.unflatten(d_theta)
     for a, b in zip(params, back):
-        assert (a is None and b is None) or np.array_equal(a, b)
+        assert (a is None and b is None) or np.array_equal(a, to_numpy(b))
     with pytest.raises(ValueError, match="theta must have shape"):
         net.unflatten(theta[:-1])
 
