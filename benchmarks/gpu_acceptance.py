@@ -104,7 +104,8 @@ def step_cupy(rec, device):
 
 
 def step_suite(rec, device):
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-x", "-q", "-rN"]
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=",
+            "-x", "-q", "-rs"]                  # -q once: the last line is the summary
     argv += (["--xp", "cupy", "-m", "not slow"] if device == "gpu"
              else ["--xp", "guarded", "tests/test_backend.py"])
     proc = rec.run(argv, timeout=420)
