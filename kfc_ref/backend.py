@@ -17,8 +17,12 @@ arrays and the guarded test namespace implement it); CuPy arrays are recognised 
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as _np
 
@@ -172,10 +176,72 @@ def _is_c_contiguous(a) -> bool:
     return bool(flags is not None and flags.c_contiguous)
 
 
+#: below this many entries a copy runs on the calling thread (a pool hand-off costs ~50 us)
+PARALLEL_COPY_MIN_SIZE = 1 << 20
+_POOL: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def host_threads() -> int:
+    """Threads for NumPy's memory-bound copies: the CPUs this process may use, at most 4
+    (the copies saturate memory bandwidth beyond that)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _copy_pool(threads: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        pool = _POOL.get(threads)
+        if pool is None:
+            pool = _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="kfc-copy")
+        return pool
+
+
+def parallel_copy(out, src, threads: int | None = None) -> None:
+    """``out[...] = src`` for NumPy arrays of one shape, split along axis 0 over ``threads``
+    threads (default :func:`host_threads`) when large: NumPy releases the GIL in copies, and
+    a strided gather such as im2col is bound by one core's memory traffic, not by the
+    machine's (about 1.8x faster on 2 cores for the CIFAR-10 net's second conv)."""
+    threads = host_threads() if threads is None else threads
+    rows = out.shape[0] if out.ndim else 1
+    parts = min(threads, rows)
+    if parts < 2 or out.size < PARALLEL_COPY_MIN_SIZE:
+        _np.copyto(out, src)
+        return
+    bounds = [(rows * i // parts, rows * (i + 1) // parts) for i in range(parts)]
+    futures = [_copy_pool(parts).submit(_np.copyto, out[a:b], src[a:b]) for a, b in bounds[1:]]
+    _np.copyto(out[bounds[0][0]:bounds[0][1]], src[bounds[0][0]:bounds[0][1]])
+    for f in futures:
+        f.result()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_host_memory() -> bool:
+    """Ask glibc's allocator to serve large arrays from its heap and keep freed memory for
+    reuse (M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 16 GiB) instead of mapping fresh,
+    page-faulting memory for every large temporary: a training step allocates and frees the
+    same few hundred MB each time (~15% of a CIFAR-10 step on 2 cores).  Process-wide, so
+    only the command line calls it; the price is that the process keeps its peak heap.
+    Returns False (and changes nothing) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, 1 << 34))
+
+
 def strided_gather(x, shape: tuple, strides: tuple, offset: int = 0):
     """A C-contiguous copy of the strided window view of a C-contiguous ``x``: entry i is
     ``x.flat[offset + sum_k i_k * strides[k]]`` (strides in elements).  One copy kernel: NumPy
-    and CuPy copy an ``as_strided`` view, other namespaces ``take`` a cached flat index."""
+    and CuPy copy an ``as_strided`` view (NumPy on :func:`host_threads` threads), other
+    namespaces ``take`` a cached flat index."""
     xp = get_xp(x)
     if not _is_c_contiguous(x):
         raise ValueError("strided_gather needs a C-contiguous array")
@@ -185,7 +251,11 @@ def strided_gather(x, shape: tuple, strides: tuple, offset: int = 0):
         size = x.itemsize
         view = lib.as_strided(flat[offset:], shape=tuple(shape),
                               strides=tuple(s * size for s in strides))
-        return xp.ascontiguousarray(view)
+        if xp is not _np:
+            return xp.ascontiguousarray(view)
+        out = _np.empty(view.shape, dtype=x.dtype)
+        parallel_copy(out, view)
+        return out
     return xp.take(flat, flat_index(xp, shape, strides, offset))
 
 
