@@ -200,22 +200,35 @@ def _copy_pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def parallel_copy(out, src, threads: int | None = None) -> None:
-    """``out[...] = src`` for NumPy arrays of one shape, split along axis 0 over ``threads``
-    threads (default :func:`host_threads`) when large: NumPy releases the GIL in copies, and
-    a strided gather such as im2col is bound by one core's memory traffic, not by the
-    machine's (about 1.8x faster on 2 cores for the CIFAR-10 net's second conv)."""
+def parallel_rows(fn, rows: int, size: int, threads: int | None = None) -> None:
+    """Call ``fn(r0, r1)`` on disjoint ranges covering ``range(rows)``: on :func:`host_threads`
+    threads (or ``threads``) when the work touches ``size`` >= PARALLEL_COPY_MIN_SIZE entries,
+    else once on the calling thread.  For NumPy passes that write disjoint row blocks
+    (NumPy releases the GIL in copies and ufuncs); exceptions propagate."""
     threads = host_threads() if threads is None else threads
-    rows = out.shape[0] if out.ndim else 1
     parts = min(threads, rows)
-    if parts < 2 or out.size < PARALLEL_COPY_MIN_SIZE:
-        _np.copyto(out, src)
+    if parts < 2 or size < PARALLEL_COPY_MIN_SIZE:
+        fn(0, rows)
         return
     bounds = [(rows * i // parts, rows * (i + 1) // parts) for i in range(parts)]
-    futures = [_copy_pool(parts).submit(_np.copyto, out[a:b], src[a:b]) for a, b in bounds[1:]]
-    _np.copyto(out[bounds[0][0]:bounds[0][1]], src[bounds[0][0]:bounds[0][1]])
-    for f in futures:
-        f.result()
+    futures = [_copy_pool(parts).submit(fn, a, b) for a, b in bounds[1:]]
+    try:
+        fn(*bounds[0])
+    finally:
+        for f in futures:
+            f.result()
+
+
+def parallel_copy(out, src, threads: int | None = None) -> None:
+    """``out[...] = src`` for NumPy arrays of one shape, split along axis 0 over threads
+    (:func:`parallel_rows`): a strided gather such as im2col is bound by one core's memory
+    traffic, not by the machine's (about 1.8x faster on 2 cores for the CIFAR-10 net's
+    second conv)."""
+    if out.ndim == 0:
+        _np.copyto(out, src)
+        return
+    parallel_rows(lambda a, b: _np.copyto(out[a:b], src[a:b]), out.shape[0], out.size,
+                  threads)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
