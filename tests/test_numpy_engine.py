@@ -1,11 +1,18 @@
-"""NumPy engine speed paths. Host-side helpers of kfc_ref.backend: the threaded copy must give exactly the
-single-threaded result (it only splits a copy), and the allocator setting must be harmless."""
+"""NumPy engine speed paths: the threaded copy of kfc_ref.backend must give exactly the
+single-threaded result (it only splits a copy), the allocator setting must be harmless, and the
+transposed-convolution input gradient must equal col2im(W^T DS^T)."""
 import numpy as np
 import pytest
 
 import kfc_ref.backend as backend
-from kfc_ref.nn.expand import (ConvGeometry, col2im_matrix, col2im_of_product, flipped_kernels,
-                              im2col_matrix, im2col_matrix_slices, transposed_padding)
+from kfc_ref.nn.expand import (
+    ConvGeometry,
+    col2im_matrix,
+    col2im_of_product,
+    im2col_matrix,
+    im2col_matrix_slices,
+    transposed_padding,
+)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])

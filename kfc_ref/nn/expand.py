@@ -242,7 +242,9 @@ def col2im_of_product(weights, ds, input_shape_cm: tuple, geom: ConvGeometry,
       transposed convolution W' [[DS]]^T with the flipped kernels W' (:func:`flipped_kernels`)
       and [[DS]] the im2col of the (I, N, Ho, Wo) derivatives at padding d(k-1) - p: one
       threaded gather and one GEMM, no read-modify-write passes (NumPy; ~1.4x faster than
-      the offsets on the CIFAR-10 net's second conv; chosen where I <= J).  The sums are the same, in another order.
+      the offsets on the CIFAR-10 net's second conv; chosen where I <= J).
+
+    The sums are the same, in another order.
     """
     xp = get_xp(weights, ds)
     check_choice("method", method, (None, "product", "offsets", "transposed"))
