@@ -316,8 +316,13 @@ class AvgPool2d(_Pool):
         return out
 
     def forward(self, x, W=None, ctx=None):
+        """NumPy: on blocks of maps in parallel threads."""
         ho, wo, eh, ew = self._geometry(x)
-        return self._average(x, ho, wo, eh, ew), (x.shape, eh, ew, (ho, wo))
+        if few_launches(get_xp(x)):
+            out = self._average(x, ho, wo, eh, ew)
+        else:
+            out = _row_blocks(lambda xb: (self._average(xb, ho, wo, eh, ew),), (x,), 1)[0]
+        return out, (x.shape, eh, ew, (ho, wo))
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
@@ -327,6 +332,13 @@ class AvgPool2d(_Pool):
             dx = xp.zeros((a, b, h, w), dtype=dout.dtype)
             scatter_add(dx, index, dout[..., None] * self._weights(dout, h, w, ho, wo))
             return dx, None
+        return _row_blocks(lambda d: (self._separable_backward(d, cache),), (dout,), 1)[0], None
+
+    def _separable_backward(self, dout, cache):
+        """Adjoint of the separable sums (NumPy), for a block of maps."""
+        xp = get_xp(dout)
+        (_, _, h, w), eh, ew, (ho, wo) = cache
+        a, b = dout.shape[:2]
         g = dout / self._counts(dout, h, w, ho, wo)
         dr = xp.zeros((a, b, h + eh, wo), dtype=dout.dtype)
         for u in range(self.size):
@@ -334,7 +346,7 @@ class AvgPool2d(_Pool):
         dxpad = xp.zeros((a, b, h + eh, w + ew), dtype=dout.dtype)
         for v in range(self.size):
             self._cols(dxpad, v, wo)[...] += dr
-        return dxpad[:, :, :h, :w], None
+        return dxpad[:, :, :h, :w]
 
     def jvp(self, dx, cache, W=None, dW=None):
         _, eh, ew, (ho, wo) = cache
