@@ -49,8 +49,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
-    from kfc_ref.backend import keep_freed_host_memory
-    keep_freed_host_memory()          # reuse freed heap for the per-step temporaries
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -17,7 +17,6 @@ arrays and the guarded test namespace implement it); CuPy arrays are recognised 
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import threading
@@ -229,25 +228,6 @@ def parallel_copy(out, src, threads: int | None = None) -> None:
         return
     parallel_rows(lambda a, b: _np.copyto(out[a:b], src[a:b]), out.shape[0], out.size,
                   threads)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_host_memory() -> bool:
-    """Ask glibc's allocator to serve large arrays from its heap and keep freed memory for
-    reuse (M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 16 GiB) instead of mapping fresh,
-    page-faulting memory for every large temporary: a training step allocates and frees the
-    same few hundred MB each time (~15% of a CIFAR-10 step on 2 cores).  Process-wide, so
-    only the command line calls it; the price is that the process keeps its peak heap.
-    Returns False (and changes nothing) where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, 1 << 34))
 
 
 def strided_gather(x, shape: tuple, strides: tuple, offset: int = 0):
