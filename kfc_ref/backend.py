@@ -18,7 +18,10 @@ arrays and the guarded test namespace implement it); CuPy arrays are recognised 
 from __future__ import annotations
 
 import importlib
+import os
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as _np
 
@@ -172,10 +175,66 @@ def _is_c_contiguous(a) -> bool:
     return bool(flags is not None and flags.c_contiguous)
 
 
+#: below this many entries a copy runs on the calling thread (a pool hand-off costs ~50 us)
+PARALLEL_COPY_MIN_SIZE = 1 << 20
+_POOL: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def host_threads() -> int:
+    """Threads for NumPy's memory-bound copies: the CPUs this process may use, at most 4
+    (the copies saturate memory bandwidth beyond that)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _copy_pool(threads: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        pool = _POOL.get(threads)
+        if pool is None:
+            pool = _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="kfc-copy")
+        return pool
+
+
+def parallel_rows(fn, rows: int, size: int, threads: int | None = None) -> None:
+    """Call ``fn(r0, r1)`` on disjoint ranges covering ``range(rows)``: on :func:`host_threads`
+    threads (or ``threads``) when the work touches ``size`` >= PARALLEL_COPY_MIN_SIZE entries,
+    else once on the calling thread.  For NumPy passes that write disjoint row blocks
+    (NumPy releases the GIL in copies and ufuncs); exceptions propagate."""
+    threads = host_threads() if threads is None else threads
+    parts = min(threads, rows)
+    if parts < 2 or size < PARALLEL_COPY_MIN_SIZE:
+        fn(0, rows)
+        return
+    bounds = [(rows * i // parts, rows * (i + 1) // parts) for i in range(parts)]
+    futures = [_copy_pool(parts).submit(fn, a, b) for a, b in bounds[1:]]
+    try:
+        fn(*bounds[0])
+    finally:
+        for f in futures:
+            f.result()
+
+
+def parallel_copy(out, src, threads: int | None = None) -> None:
+    """``out[...] = src`` for NumPy arrays of one shape, split along axis 0 over threads
+    (:func:`parallel_rows`): a strided gather such as im2col is bound by one core's memory
+    traffic, not by the machine's (about 1.8x faster on 2 cores for the CIFAR-10 net's
+    second conv)."""
+    if out.ndim == 0:
+        _np.copyto(out, src)
+        return
+    parallel_rows(lambda a, b: _np.copyto(out[a:b], src[a:b]), out.shape[0], out.size,
+                  threads)
+
+
 def strided_gather(x, shape: tuple, strides: tuple, offset: int = 0):
     """A C-contiguous copy of the strided window view of a C-contiguous ``x``: entry i is
     ``x.flat[offset + sum_k i_k * strides[k]]`` (strides in elements).  One copy kernel: NumPy
-    and CuPy copy an ``as_strided`` view, other namespaces ``take`` a cached flat index."""
+    and CuPy copy an ``as_strided`` view (NumPy on :func:`host_threads` threads), other
+    namespaces ``take`` a cached flat index."""
     xp = get_xp(x)
     if not _is_c_contiguous(x):
         raise ValueError("strided_gather needs a C-contiguous array")
@@ -185,7 +244,11 @@ def strided_gather(x, shape: tuple, strides: tuple, offset: int = 0):
         size = x.itemsize
         view = lib.as_strided(flat[offset:], shape=tuple(shape),
                               strides=tuple(s * size for s in strides))
-        return xp.ascontiguousarray(view)
+        if xp is not _np:
+            return xp.ascontiguousarray(view)
+        out = _np.empty(view.shape, dtype=x.dtype)
+        parallel_copy(out, view)
+        return out
     return xp.take(flat, flat_index(xp, shape, strides, offset))
 
 

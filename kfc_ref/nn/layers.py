@@ -214,7 +214,10 @@ class Conv2d(Layer):
         if dx is not None:
             ds = self._linear(im2col_matrix(dx, self.geom, cache.channel_major), W, cache,
                               bias=False)
-            out = ds if out is None else out + ds
+            if out is None:
+                out = ds
+            else:
+                out += ds                 # both fresh arrays from _linear: no third temporary
         return out
 
 

@@ -34,6 +34,7 @@ from kfc_ref.backend import (
     few_launches,
     flat_index,
     get_xp,
+    parallel_rows,
     scatter_add,
     strided_gather,
 )
@@ -164,6 +165,22 @@ class MaxPool2d(_Pool):
         base = flat_index(xp, (a, b, ho, wo), (b * h * w, h * w, self.stride * w, self.stride))
         return out, arg, base + (au.astype(xp.int64) * w + v_star)
 
+    def _winners_threaded(self, x, ho, wo):
+        """:meth:`_winners` on blocks of the leading axis, on :func:`parallel_rows` threads
+        (NumPy); the flat positions are shifted to the whole input."""
+        xp = get_xp(x)
+        a, b, h, w = x.shape
+        out = xp.empty((a, b, ho, wo), dtype=x.dtype)
+        arg = xp.empty((a, b, ho, wo), dtype=xp.int32)
+        where = xp.empty((a, b, ho, wo), dtype=xp.int64)
+
+        def block(r0, r1):
+            o, ar, wh = self._winners(x[r0:r1], ho, wo)
+            out[r0:r1], arg[r0:r1] = o, ar
+            xp.add(wh, r0 * b * h * w, out=where[r0:r1])
+        parallel_rows(block, a, x.size)
+        return out, arg, where
+
     def forward(self, x, W=None, ctx=None):
         xp = get_xp(x)
         ho, wo, _, _ = self._geometry(x)
@@ -174,7 +191,7 @@ class MaxPool2d(_Pool):
             arg = xp.argmax(win, axis=-1)
             where = xp.take_along_axis(index, arg[..., None], axis=-1)[..., 0]
             return xp.max(win, axis=-1), (arg, where, x.shape, x.shape)
-        out, arg, where = self._winners(x, ho, wo)
+        out, arg, where = self._winners_threaded(x, ho, wo)
         return out, (arg, where, x.shape, x.shape)
 
     def backward(self, dout, cache, W=None):
@@ -233,6 +250,22 @@ def _sum_views(views, op=None):
     return out
 
 
+def _row_blocks(fn, arrays, n_out: int):
+    """``fn(*arrays)`` (a tuple of ``n_out`` arrays, each with the inputs' leading axis)
+    computed on blocks of the leading axis on :func:`~kfc_ref.backend.parallel_rows` threads
+    and concatenated: for NumPy passes that act per map."""
+    results = {}
+
+    def block(r0, r1):
+        results[r0] = fn(*(a[r0:r1] for a in arrays))
+    parallel_rows(block, arrays[0].shape[0], arrays[0].size)
+    if len(results) == 1:
+        return results[0]
+    xp = get_xp(*arrays)
+    keys = sorted(results)
+    return tuple(xp.concatenate([results[k][i] for k in keys]) for i in range(n_out))
+
+
 class AvgPool2d(_Pool):
     """Mean over each window of the cells that lie inside the input (cuda-convnet divides a
     partial border window by the number of cells it covers)."""
@@ -283,8 +316,13 @@ class AvgPool2d(_Pool):
         return out
 
     def forward(self, x, W=None, ctx=None):
+        """NumPy: on blocks of maps in parallel threads."""
         ho, wo, eh, ew = self._geometry(x)
-        return self._average(x, ho, wo, eh, ew), (x.shape, eh, ew, (ho, wo))
+        if few_launches(get_xp(x)):
+            out = self._average(x, ho, wo, eh, ew)
+        else:
+            out = _row_blocks(lambda xb: (self._average(xb, ho, wo, eh, ew),), (x,), 1)[0]
+        return out, (x.shape, eh, ew, (ho, wo))
 
     def backward(self, dout, cache, W=None):
         xp = get_xp(dout)
@@ -294,6 +332,13 @@ class AvgPool2d(_Pool):
             dx = xp.zeros((a, b, h, w), dtype=dout.dtype)
             scatter_add(dx, index, dout[..., None] * self._weights(dout, h, w, ho, wo))
             return dx, None
+        return _row_blocks(lambda d: (self._separable_backward(d, cache),), (dout,), 1)[0], None
+
+    def _separable_backward(self, dout, cache):
+        """Adjoint of the separable sums (NumPy), for a block of maps."""
+        xp = get_xp(dout)
+        (_, _, h, w), eh, ew, (ho, wo) = cache
+        a, b = dout.shape[:2]
         g = dout / self._counts(dout, h, w, ho, wo)
         dr = xp.zeros((a, b, h + eh, wo), dtype=dout.dtype)
         for u in range(self.size):
@@ -301,7 +346,7 @@ class AvgPool2d(_Pool):
         dxpad = xp.zeros((a, b, h + eh, w + ew), dtype=dout.dtype)
         for v in range(self.size):
             self._cols(dxpad, v, wo)[...] += dr
-        return dxpad[:, :, :h, :w], None
+        return dxpad[:, :, :h, :w]
 
     def jvp(self, dx, cache, W=None, dW=None):
         _, eh, ew, (ho, wo) = cache
@@ -360,8 +405,8 @@ class ResponseNorm(Layer):
             out *= weight
         return out
 
-    def forward(self, x, W=None, ctx=None):
-        _check_rank(x, 4, "ResponseNorm")
+    def _forward(self, x):
+        """(y, D, D^-p) of an (A, B, H, W) block."""
         xp = get_xp(x)
         c = self.scale / self.size ** 2
         buf, inner = self._padded(x)
@@ -369,11 +414,10 @@ class ResponseNorm(Layer):
         denom = self._box(buf, *x.shape[2:], weight=c)
         denom += 1
         scale = denom ** (-self.power)
-        return x * scale, (x, denom, scale)
+        return x * scale, denom, scale
 
-    def backward(self, dout, cache, W=None):
+    def _backward(self, dout, x, denom, scale):
         xp = get_xp(dout)
-        x, denom, scale = cache
         c = self.scale / self.size ** 2
         g = dout * scale
         buf, inner = self._padded(x)
@@ -382,7 +426,22 @@ class ResponseNorm(Layer):
         t = self._box(buf, *x.shape[2:], transpose=True, weight=2 * c * self.power)
         t *= x
         g -= t
-        return g, None
+        return (g,)
+
+    def forward(self, x, W=None, ctx=None):
+        """NumPy: on blocks of maps in parallel threads (the windows stay inside a map)."""
+        _check_rank(x, 4, "ResponseNorm")
+        if few_launches(get_xp(x)):
+            y, denom, scale = self._forward(x)
+        else:
+            y, denom, scale = _row_blocks(self._forward, (x,), 3)
+        return y, (x, denom, scale)
+
+    def backward(self, dout, cache, W=None):
+        x, denom, scale = cache
+        if few_launches(get_xp(dout)):
+            return self._backward(dout, x, denom, scale)[0], None
+        return _row_blocks(self._backward, (dout, x, denom, scale), 1)[0], None
 
     def jvp(self, dx, cache, W=None, dW=None):
         xp = get_xp(dx)
