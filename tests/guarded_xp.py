@@ -6,8 +6,9 @@ back.  ``GuardedArray`` is an ndarray subclass whose namespace (``__array_namesp
 
 * calling a ``numpy.*`` function on a guarded array directly (not through the namespace that
   ``get_xp`` returned) -> TypeError, via ``__array_function__``;
-* mixing a guarded array with a plain ``numpy.ndarray`` in arithmetic (a host array created with
-  ``np.*`` inside core code) -> TypeError, via ``__array_ufunc__``;
+* mixing a guarded array with a plain ``numpy.ndarray`` of any rank, 0-d included, in
+  arithmetic or assignment (a host array created with ``np.*`` inside core code) -> TypeError,
+  via ``__array_ufunc__``/``__setitem__``, as CuPy 14 does;
 * implicit conversion through ``np.asarray``/``np.array`` -> TypeError (``__array__``), like
   CuPy's refusal of implicit device-to-host transfers.
 
@@ -102,6 +103,12 @@ def _wrap(obj):
     return obj
 
 
+def _is_host_array(a) -> bool:
+    """A plain ``numpy.ndarray`` of any rank, 0-d included: CuPy 14 rejects every one of them
+    as an operand of its ufuncs (NumPy *scalars*, ``np.generic``, are accepted, as here)."""
+    return isinstance(a, np.ndarray) and not isinstance(a, GuardedArray)
+
+
 class GuardedArray(np.ndarray):
     """An ndarray whose array module is :data:`guarded`."""
 
@@ -139,8 +146,7 @@ class GuardedArray(np.ndarray):
 
     def __setitem__(self, key, value):
         _launch()
-        if isinstance(value, np.ndarray) and not isinstance(value, GuardedArray) \
-                and value.ndim > 0:
+        if _is_host_array(value):
             raise TypeError(f"assigned a plain numpy array of shape {value.shape} into a "
                             "guarded array (created outside the namespace)")
         with _lifted():
@@ -170,7 +176,7 @@ class GuardedArray(np.ndarray):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         for a in inputs + tuple(kwargs.get("out", ())):
-            if isinstance(a, np.ndarray) and not isinstance(a, GuardedArray) and a.ndim > 0:
+            if _is_host_array(a):
                 raise TypeError(f"ufunc {ufunc.__name__} mixed a guarded array with a plain "
                                 f"numpy array of shape {a.shape} (created outside the namespace)")
         _launch()

@@ -8,16 +8,65 @@ import pytest
 
 from kfc_ref import backend
 from kfc_ref.backend import check_device, get_xp, to_numpy
-from backend_cases import core_path_matches_numpy
+from kfc_ref.curvature.damping import eigen_factors, factored_inverse
+from kfc_ref.curvature.factors import network_factors
+from kfc_ref.nn.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
+from kfc_ref.nn.network import Sequential
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
 from guarded_xp import GuardedArray, asguarded, guarded
 
+# Same float64 arithmetic in a different library (cuBLAS/cuSOLVER may reorder sums).
+RTOL = 1e-9
 
-def test_core_path_runs_in_numpy():
-    core_path_matches_numpy(np.asarray)
+
+def _net():
+    return Sequential([
+        Conv2d(2, 3, 3, padding=1), MaxPool2d(3, 2, ceil_mode=True), ReLU(),
+        ResponseNorm(3, 1.0, 0.75), Conv2d(3, 4, 3, padding=1), Tanh(),
+        AvgPool2d(2, 1, ceil_mode=True), Dropout(0.2), Flatten(), Dense(16, 5)], (2, 7, 7))
+
+
+def _run(net, params, x, y, seed):
+    loss, grads, tape = net.loss_and_grads(params, x, y, train=True,
+                                           rng=np.random.default_rng(seed))
+    records = net.sampled_records(params, x, np.random.default_rng(seed + 1), tape=tape)
+    factors = network_factors(records)
+    out = {"loss": loss, "logits": tape.output, "theta": net.flatten(params)}
+    out["grad"] = net.flatten(grads)
+    out["jvp"] = net.jvp(params, tape, grads)
+    for k, (f, i) in enumerate(zip(factors, net.param_layers)):
+        out[f"Omega{k}"], out[f"Gamma{k}"] = f.Omega, f.Gamma
+        out[f"fact{k}"] = factored_inverse(f.Omega, f.Gamma, 1e-3).apply(grads[i])
+        out[f"eig{k}"] = eigen_factors(f.Omega, f.Gamma).apply(grads[i], 1e-3)
+    return out
+
+
+def _core_path_matches_numpy(to_device, seed=0):
+    """The core path (forward, backward, forward-mode, sampled records, KFC factors, both
+    dampings) runs in the module of ``to_device`` and returns the float64 NumPy results."""
+    net = _net()
+    host_params = net.init(seed, "float64")
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(4, 2, 7, 7)), rng.integers(0, 5, 4)
+    ref = _run(net, host_params, x, y, seed)
+    dev_params = [None if p is None else to_device(p) for p in host_params]
+    got = _run(net, dev_params, to_device(x), to_device(y), seed)
+    xp = get_xp(to_device(x))
+    for key, value in got.items():
+        if key != "loss":
+            assert get_xp(value) is xp, f"{key} left the array module {xp.__name__}"
+        np.testing.assert_allclose(to_numpy(value), to_numpy(ref[key]), rtol=RTOL,
+                                   atol=RTOL, err_msg=key)
+
+
+def test_core_path_runs_in_the_module_under_test(to_xp):
+    """numpy, guarded or CuPy, as chosen by --xp (tests/conftest.py)."""
+    _core_path_matches_numpy(to_xp)
 
 
 def test_core_path_never_reaches_for_numpy_behind_the_namespace():
-    core_path_matches_numpy(asguarded)
+    """Always run (also under the default --xp numpy), so plain CI keeps the guard's proof."""
+    _core_path_matches_numpy(asguarded)
 
 
 def test_guard_is_a_working_negative_control():
@@ -27,6 +76,11 @@ def test_guard_is_a_working_negative_control():
         np.sum(a)
     with pytest.raises(TypeError, match="mixed a guarded array"):
         a + np.ones((2, 2))
+    with pytest.raises(TypeError, match="mixed a guarded array"):   # 0-d too, as CuPy 14
+        a * np.asarray(2.0)
+    with pytest.raises(TypeError, match="plain numpy array"):
+        a[0, 0] = np.asarray(1.0)
+    assert isinstance(a * np.float64(2.0), GuardedArray)          # NumPy scalars are fine
     assert isinstance(guarded.zeros((2,)), GuardedArray)
     assert get_xp(a) is guarded
 

@@ -145,21 +145,20 @@ def test_check_rng_depends_on_seed_and_name():
     assert isinstance(checks.check_rng(0, "x"), np.random.Generator)
 
 
-def test_every_check_runs_in_a_second_array_namespace():
+def test_every_check_runs_in_a_second_array_namespace(xp, xp_name):
     """The guarded NumPy namespace (tests/guarded_xp.py) refuses host NumPy behind its back,
     as CuPy would: every check, hence invariance.py and the curvature code it calls, must pass."""
     from guarded_xp import guarded
+    ns = guarded if xp_name == "numpy" else xp           # under --xp cupy: CuPy itself
     for name, check in checks.REGISTRY.items():
-        res = check.func(checks.check_rng(0, name), "float64", guarded)
+        res = check.func(checks.check_rng(0, name), "float64", ns)
         assert res.passed, res
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(gpu_unavailable_reason() is not None,
-                    reason=f"needs a GPU: {gpu_unavailable_reason()}")
-def test_all_checks_pass_on_the_gpu(capsys):
+def test_all_checks_pass_on_the_device(capsys, device):
+    """`check --device` on the --xp module's device (cpu, the guarded stand-in, or the GPU)."""
     for dtype in ("float64", "float32"):
-        code, results = run_json(capsys, "--device", "gpu", "--dtype", dtype)
+        code, results = run_json(capsys, "--device", device, "--dtype", dtype)
         assert code == 0, [r for r in results if not r["passed"]]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.nn.expand import ConvGeometry, im2col
 from kfc_ref.curvature.factors import gamma_from_derivatives, omega_from_patches
 from kfc_ref.nn.layers import Conv2d, Dense, Flatten, Tanh
@@ -45,13 +46,13 @@ def input_pixel(x, n, j, row, col):
 
 
 @given(geometries())
-def test_conv_forward_is_bias_plus_weights_with_bias_in_column_0(g):
+def test_conv_forward_is_bias_plus_weights_with_bias_in_column_0(to_xp, g):
     rng = np.random.default_rng(g["seed"])
     conv = Conv2d(g["j"], g["i"], (g["kh"], g["kw"]), g["stride"], g["padding"], g["dilation"])
     x = rng.normal(size=(g["n"], g["j"], g["h"], g["w"]))
     W_bar = rng.normal(size=conv.param_shape)
     b, W = W_bar[:, 0], W_bar[:, 1:].reshape(g["i"], g["j"], g["kh"], g["kw"])
-    out, _ = conv.forward(x, W_bar)
+    out = to_numpy(conv.forward(to_xp(x), to_xp(W_bar))[0])
     s, p, d = g["stride"], g["padding"], g["dilation"]
     expected = np.empty(out.shape)
     for n, i, oh, ow in np.ndindex(*out.shape):
@@ -62,11 +63,11 @@ def test_conv_forward_is_bias_plus_weights_with_bias_in_column_0(g):
 
 
 @given(geometries())
-def test_im2col_columns_are_offset_fastest(g):
+def test_im2col_columns_are_offset_fastest(to_xp, g):
     rng = np.random.default_rng(g["seed"])
     geom = ConvGeometry(g["kh"], g["kw"], g["stride"], g["padding"], g["dilation"])
     x = rng.normal(size=(g["n"], g["j"], g["h"], g["w"]))
-    P = im2col(x, geom)
+    P = to_numpy(im2col(to_xp(x), geom))
     ho, wo = geom.output_shape(g["h"], g["w"])
     s, p, d, kh, kw = g["stride"], g["padding"], g["dilation"], g["kh"], g["kw"]
     assert P.shape == (g["n"], ho * wo, g["j"] * kh * kw)
@@ -76,15 +77,16 @@ def test_im2col_columns_are_offset_fastest(g):
 
 
 @given(geometries())
-def test_omega_00_is_the_number_of_locations_and_gamma_has_one_over_T(g):
+def test_omega_00_is_the_number_of_locations_and_gamma_has_one_over_T(to_xp, g):
     rng = np.random.default_rng(g["seed"])
     geom = ConvGeometry(g["kh"], g["kw"], g["stride"], g["padding"], g["dilation"])
-    patches = im2col(rng.normal(size=(g["n"], g["j"], g["h"], g["w"])), geom)
+    patches = im2col(to_xp(rng.normal(size=(g["n"], g["j"], g["h"], g["w"]))), geom)
     t = patches.shape[1]
-    assert omega_from_patches(patches)[0, 0] == t                  # exactly |T|, no 1/|T|
+    assert to_numpy(omega_from_patches(patches))[0, 0] == t       # exactly |T|, no 1/|T|
     DS = rng.normal(size=(g["n"], t, g["i"]))
     expected = sum(DS[n].T @ DS[n] for n in range(g["n"])) / (g["n"] * t)
-    np.testing.assert_allclose(gamma_from_derivatives(DS), expected, rtol=0, atol=EXPLICIT_ATOL)
+    np.testing.assert_allclose(to_numpy(gamma_from_derivatives(to_xp(DS))), expected, rtol=0,
+                               atol=EXPLICIT_ATOL)
     # the 1/|T|: repeating one location's derivatives |T| times leaves Gamma unchanged
     one = DS[:, :1, :]
     np.testing.assert_allclose(gamma_from_derivatives(np.repeat(one, t, axis=1)),

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.theory.correlation import (
     DEFAULT_MAX_OFFSET,
     cross_map_correlation,
@@ -123,10 +124,10 @@ def fields(draw, max_n=3, max_c=2, max_hw=6):
 
 
 @given(field=fields(), max_offset=st.integers(0, 8), centered=st.booleans())
-def test_autocorrelation_matches_slow_twin(field, max_offset, centered):
+def test_autocorrelation_matches_slow_twin(to_xp, field, max_offset, centered):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = spatial_autocorrelation(field, max_offset, centered=centered)
+        got = to_numpy(spatial_autocorrelation(to_xp(field), max_offset, centered=centered))
     want = slow_autocorrelation(field, max_offset, centered=centered)
     n, c, h, w = field.shape
     assert got.shape == (c, 2 * min(max_offset, h - 1) + 1, 2 * min(max_offset, w - 1) + 1)
@@ -140,12 +141,12 @@ def test_autocorrelation_matches_slow_twin(field, max_offset, centered):
 
 
 @given(field=fields(max_n=5, max_c=4, max_hw=4), centered=st.booleans(), data=st.data())
-def test_cross_map_matches_slow_twin(field, centered, data):
+def test_cross_map_matches_slow_twin(to_xp, field, centered, data):
     n, c, h, w = field.shape
     location = data.draw(st.none() | st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = cross_map_correlation(field, location, centered=centered)
+        got = to_numpy(cross_map_correlation(to_xp(field), location, centered=centered))
     want = slow_cross_map(field, location, centered=centered)
     assert got.shape == (c, c) and got.dtype == field.dtype
     np.testing.assert_allclose(got, want, rtol=TWIN_RTOL, atol=TWIN_ATOL, equal_nan=True)
@@ -416,29 +417,25 @@ def test_summary_accepts_single_map_panel():
         float(np.abs(np.delete(a[0].ravel(), 12)).mean()))
 
 
-# --------------------------------------------------------------------------- GPU (optional)
-
-@pytest.mark.gpu
-def test_cupy_matches_numpy():
-    from kfc_ref.backend import gpu_unavailable_reason, to_device, to_numpy
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    import cupy as cp
+# --------------------------------------------------------------------------- the --xp module
+def test_matches_numpy_on_the_module_under_test(to_xp, xp):
+    """Autocorrelation, cross-map and summary on the --xp module (CuPy under --xp cupy)
+    stay in it and equal the NumPy results, a dead map (NaN) included."""
+    from kfc_ref.backend import get_xp
     rng = np.random.default_rng(60)
     f = box_filtered_noise(rng, 30, 3, 9, 11, 2, 3)
     f[:, 2] = 0.0
-    g = to_device(f, "gpu")
+    g = to_xp(f)
     for centered in (False, True):
         a = spatial_autocorrelation(g, 4, centered=centered)
-        assert isinstance(a, cp.ndarray)
+        assert get_xp(a) is xp
         np.testing.assert_allclose(to_numpy(a), spatial_autocorrelation(f, 4, centered=centered),
                                    rtol=1e-12, atol=1e-12, equal_nan=True)
         c = cross_map_correlation(g, (2, 3), centered=centered)
-        assert isinstance(c, cp.ndarray)
+        assert get_xp(c) is xp
         np.testing.assert_allclose(to_numpy(c), cross_map_correlation(f, (2, 3), centered=centered),
                                    rtol=1e-12, atol=1e-12, equal_nan=True)
     m = mean_offcentre_correlation(spatial_autocorrelation(g, 4))
-    assert isinstance(m, cp.ndarray)
+    assert get_xp(m) is xp
     assert float(m) == pytest.approx(float(mean_offcentre_correlation(
         spatial_autocorrelation(f, 4))), rel=1e-12)

@@ -21,22 +21,22 @@ def _geom(c):
 
 
 @given(conv_cases(), seeds)
-def test_im2col_equals_loop_twin(case, seed):
+def test_im2col_equals_loop_twin(to_xp, case, seed):
     x = normal(seed, case["n"], case["j"], case["h"], case["w"])
-    fast = im2col(x, _geom(case))
+    fast = to_numpy(im2col(to_xp(x), _geom(case)))
     slow = im2col_loops(x, case["kh"], case["kw"], case["stride"], case["padding"],
                         case["dilation"])
     np.testing.assert_array_equal(fast, slow)   # pure copies: bit-exact
 
 
 @given(conv_cases(), seeds)
-def test_col2im_is_exact_adjoint(case, seed):
+def test_col2im_is_exact_adjoint(to_xp, case, seed):
     geom = _geom(case)
     x = normal(seed, case["n"], case["j"], case["h"], case["w"])
-    cols = im2col(x, geom)
+    cols = to_numpy(im2col(to_xp(x), geom))
     y = normal(seed + 1, *cols.shape)
     lhs = float(np.sum(cols * y))
-    rhs = float(np.sum(x * col2im(y, x.shape, geom)))
+    rhs = float(np.sum(x * to_numpy(col2im(to_xp(y), x.shape, geom))))
     # Summation round-off is bounded by (number of terms) * u * sum |terms|.
     assert abs(lhs - rhs) <= EXACT_RTOL * float(np.sum(np.abs(cols * y))) + 1e-300
 
@@ -52,9 +52,9 @@ def test_output_size_matches_loop_twin(case):
                              case["dilation"])
 
 
-def test_homogeneous_column_is_all_ones_also_at_the_border():
-    x = np.zeros((2, 1, 3, 3))           # all-zero input: every patch entry is 0
-    A_H = expand_homogeneous(im2col(x, ConvGeometry(3, 3, padding=1)))
+def test_homogeneous_column_is_all_ones_also_at_the_border(to_xp):
+    x = to_xp(np.zeros((2, 1, 3, 3)))    # all-zero input: every patch entry is 0
+    A_H = to_numpy(expand_homogeneous(im2col(x, ConvGeometry(3, 3, padding=1))))
     assert A_H.shape == (2, 9, 10)
     np.testing.assert_array_equal(A_H[:, :, 0], 1.0)
     np.testing.assert_array_equal(A_H[:, :, 1:], 0.0)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.curvature.factors import gamma_from_derivatives
 from kfc_ref.curvature.fisher import (
     class_records,
@@ -82,9 +83,10 @@ def _rel(a, b):
 
 # --------------------------------------------------------------------------- (a)
 @given(net_cases())
-def test_per_example_gradients_equal_single_example_backward(case):
+def test_per_example_gradients_equal_single_example_backward(to_xp, case):
+    """Per-example gradients on the --xp module; the loop twin on the host."""
     net, params, x, y = case
-    G = per_example_gradients(net, params, x, y)
+    G = to_numpy(per_example_gradients(net, [to_xp(p) for p in params], to_xp(x), to_xp(y)))
     assert G.shape == (x.shape[0], net.num_params)
     for n in range(x.shape[0]):   # loop twin: one backward pass per example
         twin = _single_gradient(net, params, x[n:n + 1], y[n:n + 1])
@@ -93,10 +95,10 @@ def test_per_example_gradients_equal_single_example_backward(case):
                                rtol=EXACT_RTOL, atol=EXACT_RTOL)
 
 
-def test_layer_gradient_vectors_are_column_stacked_dW():
+def test_layer_gradient_vectors_are_column_stacked_dW(to_xp):
     rng = np.random.default_rng(0)
     A_H, DS = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 3))
-    g = layer_gradient_vectors(A_H, DS)
+    g = to_numpy(layer_gradient_vectors(to_xp(A_H), to_xp(DS)))
     for n in range(2):
         dW = DS[n].T @ A_H[n]                                   # (I, K), Eq. 28
         np.testing.assert_allclose(g[n], dW.ravel(order="F"), rtol=EXACT_RTOL)
@@ -130,9 +132,9 @@ def _fisher_via_jacobian(net, params, x):
 
 
 @given(net_cases())
-def test_true_fisher_equals_both_twins(case):
+def test_true_fisher_equals_both_twins(to_xp, case):
     net, params, x, _ = case
-    F = true_fisher(net, params, x)
+    F = to_numpy(true_fisher(net, [to_xp(p) for p in params], to_xp(x)))
     assert _rel(F, _fisher_loop_twin(net, params, x)) < EXACT_RTOL
     assert _rel(F, _fisher_via_jacobian(net, params, x)) < EXACT_RTOL
 
@@ -182,12 +184,12 @@ def test_monte_carlo_fisher_converges_like_inverse_sqrt_k():
     assert lo <= err64 / err4 <= hi, (err4, err64)
 
 
-def test_monte_carlo_fisher_is_reproducible_and_symmetric():
+def test_monte_carlo_fisher_is_reproducible_and_symmetric(to_xp):
     net = tiny_net()
-    params = net.init(0, "float64")
-    x = np.random.default_rng(1).normal(size=(4,) + net.input_shape)
-    a = monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5))
-    b = monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5))
+    params = [to_xp(p) for p in net.init(0, "float64")]
+    x = to_xp(np.random.default_rng(1).normal(size=(4,) + net.input_shape))
+    a = to_numpy(monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5)))
+    b = to_numpy(monte_carlo_fisher(net, params, x, 3, np.random.default_rng(5)))
     np.testing.assert_array_equal(a, b)
     assert _rel(a, a.T) < EXACT_RTOL
 
@@ -211,23 +213,23 @@ def test_kl_is_half_the_fisher_quadratic_form(seed):
         assert abs(kl / (eps**2 * quad) - 1) <= KL_SLOPE * eps, (eps, kl, eps**2 * quad)
 
 
-def test_kl_divergence_basics():
+def test_kl_divergence_basics(to_xp):
     rng = np.random.default_rng(0)
-    z = rng.normal(size=(4, 3))
+    z = to_xp(rng.normal(size=(4, 3)))
     assert abs(float(kl_divergence(z, z))) < 1e-15
     assert float(kl_divergence(z, z + 5.0)) == pytest.approx(0.0, abs=1e-14)  # shift-invariant
-    assert float(kl_divergence(z, rng.normal(size=(4, 3)))) > 0
+    assert float(kl_divergence(z, to_xp(rng.normal(size=(4, 3))))) > 0
 
 
 # --------------------------------------------------------------------------- (f)
-def test_empirical_fisher_is_a_different_object():
+def test_empirical_fisher_is_a_different_object(to_xp):
     net = tiny_net()
     params = net.init(0, "float64")
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8,) + net.input_shape)
     y = rng.integers(0, 3, 8)
     G = per_example_gradients(net, params, x, y)
-    E = empirical_fisher(net, params, x, y)
+    E = to_numpy(empirical_fisher(net, [to_xp(p) for p in params], to_xp(x), to_xp(y)))
     np.testing.assert_allclose(E, G.T @ G / 8, rtol=EXACT_RTOL)
     assert _rel(E, true_fisher(net, params, x)) > 1e-1
 
@@ -254,10 +256,13 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # --------------------------------------------------------------------------- backends, bench
-def test_core_path_runs_in_the_guarded_namespace():
-    """true_fisher, MC Fisher and the ladder stay in the inputs' array module (CuPy stand-in)."""
+def test_core_path_runs_in_the_module_under_test(to_xp, xp_name):
+    """true_fisher, MC Fisher and the ladder stay in the inputs' array module: the --xp one, or
+    the guarded CuPy stand-in under --xp numpy."""
     from guarded_xp import asguarded
     from kfc_ref.backend import get_xp, to_numpy
+    if xp_name != "numpy":
+        asguarded = to_xp        # noqa: F811 (the module under test replaces the stand-in)
     from kfc_ref.theory.ladder import approximation_ladder
 
     net = tiny_net()

@@ -14,6 +14,7 @@ import pytest
 from finite_differences import EPS, FD_RTOL, directional_fd
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.curvature.fisher import kl_divergence, true_fisher
 from kfc_ref.curvature.fvp import fisher_gram, fisher_quadratic
 from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
@@ -147,14 +148,22 @@ def dense_fisher(net, params, x):
     return np.einsum("ncp,ncd,ndq->pq", jac, F_R, jac) / x.shape[0]
 
 
+def _on(to_xp, *lists):
+    return [[to_xp(a) for a in arrays] for arrays in lists]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fisher_quadratic_equals_dense_fisher(seed):
+def test_fisher_quadratic_equals_dense_fisher(to_xp, seed):
+    """fisher_quadratic on the --xp module; the dense references on the host."""
     net, params, x, u, v = setup(seed)
     F = dense_fisher(net, params, x)
     fu, fv = net.flatten(u), net.flatten(v)
-    np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v), fu @ F @ fv,
+    d_params, d_u, d_v = _on(to_xp, params, u, v)
+    d_x = to_xp(x)
+    np.testing.assert_allclose(float(fisher_quadratic(net, d_params, d_x, d_u, d_v)),
+                               fu @ F @ fv, rtol=DENSE_RTOL)
+    np.testing.assert_allclose(float(fisher_quadratic(net, d_params, d_x, d_u)), fu @ F @ fu,
                                rtol=DENSE_RTOL)
-    np.testing.assert_allclose(fisher_quadratic(net, params, x, u), fu @ F @ fu, rtol=DENSE_RTOL)
     # The backprop-built true Fisher (one backward pass per class, kfc_ref.curvature.fisher)
     # agrees too.
     np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v),
@@ -181,10 +190,11 @@ def test_quadratic_form_is_second_derivative_of_kl(seed):
                                rtol=KL_RTOL)
 
 
-def test_fisher_gram_is_symmetric_psd_and_pairwise():
+def test_fisher_gram_is_symmetric_psd_and_pairwise(to_xp):
     net, params, x, u, v = setup(4)
     w = [None if a is None else a + 2 * b for a, b in zip(u, v)]
-    G = fisher_gram(net, params, x, [u, v, w])
+    d_params, d_u, d_v, d_w = _on(to_xp, params, u, v, w)
+    G = to_numpy(fisher_gram(net, d_params, to_xp(x), [d_u, d_v, d_w]))
     np.testing.assert_array_equal(G, G.T)
     assert np.linalg.eigvalsh(G).min() > -1e-12 * np.abs(G).max()   # w is in span(u, v)
     dirs = [u, v, w]

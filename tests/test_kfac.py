@@ -18,6 +18,7 @@ from hypothesis import given, strategies as st
 from scipy.linalg import block_diag
 from test_optim import NEVER, tiny_problem, train_digits, digits  # noqa: F401 (fixture)
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.curvature.fvp import fisher_quadratic, output_jvp
 from kfc_ref.optim.kfac import (
     KFAC, OMEGA1, OMEGA2, levenberg_marquardt, quadratic_model_step, solve_quadratic_model,
@@ -168,8 +169,10 @@ def test_greedy_gamma_keeps_the_smallest_model_value():
 
 # --------------------------------------------------------------------------- (d)
 @pytest.mark.parametrize("convention", ["sqrt", "literal"])
-def test_exact_damping_equals_dense_solve(convention):
+def test_exact_damping_equals_dense_solve(to_xp, convention):
+    """K-FAC's direction on the --xp module; the dense reference on the host."""
     net, params, x, y = tiny_problem(5)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = KFAC(damping_convention=convention)
     rng = np.random.default_rng(0)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
@@ -177,10 +180,11 @@ def test_exact_damping_equals_dense_solve(convention):
     gamma = 0.3
     Delta = opt.natural_direction(state, g, gamma)
     d = gamma**2 if convention == "sqrt" else gamma
-    F_hat = block_diag(*[np.kron(f.Omega, f.Gamma) for f in state.factors])
-    flat_g = np.concatenate([gl.T.ravel() for gl in g])
+    F_hat = block_diag(*[np.kron(to_numpy(f.Omega), to_numpy(f.Gamma))
+                         for f in state.factors])
+    flat_g = np.concatenate([to_numpy(gl).T.ravel() for gl in g])
     want = -np.linalg.solve(F_hat + d * np.eye(F_hat.shape[0]), flat_g)
-    got = np.concatenate([D.T.ravel() for D in Delta])
+    got = np.concatenate([to_numpy(D).T.ravel() for D in Delta])
     assert np.linalg.norm(got - want) <= SOLVE_RTOL * np.linalg.norm(want)
     other = gamma if convention == "sqrt" else gamma**2          # negative control
     wrong = -np.linalg.solve(F_hat + other * np.eye(F_hat.shape[0]), flat_g)
@@ -188,8 +192,9 @@ def test_exact_damping_equals_dense_solve(convention):
 
 
 # --------------------------------------------------------------------------- (e)
-def test_eigendecomposition_refresh_schedule_and_initial_gamma():
+def test_eigendecomposition_refresh_schedule_and_initial_gamma(to_xp):
     net, params, x, y = tiny_problem(6)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = KFAC(inverse_period=4, gamma_period=4, weight_decay=1e-2)
     state, rng = opt.init_state(net, params), np.random.default_rng(0)
     assert state.gamma == math.sqrt(150.0 + 1e-2) and state.lam == 150.0

@@ -21,66 +21,76 @@ def _conv(case):
                   case["padding"], case["dilation"])
 
 
+def _on_host(layer, to_xp):
+    """The layer's forward as a host function (for finite differences): host in, host out."""
+    def f(*host_args):
+        return to_numpy(layer.forward(*map(to_xp, host_args))[0])
+    return f
+
+
 @given(conv_cases(), seeds)
-def test_conv_forward_equals_loops(case, seed):
+def test_conv_forward_equals_loops(to_xp, case, seed):
     layer = _conv(case)
     x = normal(seed, case["n"], case["j"], case["h"], case["w"])
     W_bar = normal(seed + 1, *layer.param_shape)
-    out, _ = layer.forward(x, W_bar)
+    out = to_numpy(layer.forward(to_xp(x), to_xp(W_bar))[0])
     W = W_bar[:, 1:].reshape(case["i"], case["j"], case["kh"], case["kw"])
     ref = conv2d_loops(x, W, W_bar[:, 0], case["stride"], case["padding"], case["dilation"])
     np.testing.assert_allclose(out, ref, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
 
 
 @given(conv_cases(max_batch=2, max_size=6), seeds)
-def test_conv_backward_matches_finite_differences(case, seed):
+def test_conv_backward_matches_finite_differences(to_xp, case, seed):
     layer = _conv(case)
     x = normal(seed, case["n"], case["j"], case["h"], case["w"])
     W = normal(seed + 1, *layer.param_shape)
-    out, cache = layer.forward(x, W)
+    out, cache = layer.forward(to_xp(x), to_xp(W))
     dout = normal(seed + 2, *out.shape)
-    dx, dW = layer.backward(dout, cache, W)
-    assert_vjp_matches(lambda z: layer.forward(z, W)[0], x, dout, dx, seed)
-    assert_vjp_matches(lambda w: layer.forward(x, w)[0], W, dout, dW, seed)
+    dx, dW = map(to_numpy, layer.backward(to_xp(dout), cache, to_xp(W)))
+    f = _on_host(layer, to_xp)
+    assert_vjp_matches(lambda z: f(z, W), x, dout, dx, seed)
+    assert_vjp_matches(lambda w: f(x, w), W, dout, dW, seed)
 
 
 @given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), seeds)
-def test_dense_forward_and_backward(n, j, i, seed):
+def test_dense_forward_and_backward(to_xp, n, j, i, seed):
     layer = Dense(j, i)
     x, W = normal(seed, n, j), normal(seed + 1, i, j + 1)
-    out, cache = layer.forward(x, W)
-    np.testing.assert_allclose(out, x @ W[:, 1:].T + W[:, 0], rtol=FORWARD_RTOL)
+    out, cache = layer.forward(to_xp(x), to_xp(W))
+    np.testing.assert_allclose(to_numpy(out), x @ W[:, 1:].T + W[:, 0], rtol=FORWARD_RTOL)
     dout = normal(seed + 2, n, i)
-    dx, dW = layer.backward(dout, cache, W)
-    assert_vjp_matches(lambda z: layer.forward(z, W)[0], x, dout, dx, seed)
-    assert_vjp_matches(lambda w: layer.forward(x, w)[0], W, dout, dW, seed)
+    dx, dW = map(to_numpy, layer.backward(to_xp(dout), cache, to_xp(W)))
+    f = _on_host(layer, to_xp)
+    assert_vjp_matches(lambda z: f(z, W), x, dout, dx, seed)
+    assert_vjp_matches(lambda w: f(x, w), W, dout, dW, seed)
 
 
 @pytest.mark.parametrize("layer, fn", [
     (ReLU(), lambda x: np.maximum(x, 0)), (Tanh(), np.tanh), (Identity(), lambda x: x)])
 @given(seed=seeds)
-def test_elementwise_forward_and_backward(layer, fn, seed):
+def test_elementwise_forward_and_backward(layer, fn, seed, to_xp):
     x = distinct(seed, 2, 3, 4, 4)        # no entry within 0.025 of the ReLU kink
-    out, cache = layer.forward(x)
-    np.testing.assert_array_equal(out, fn(x))
+    out, cache = layer.forward(to_xp(x))
+    np.testing.assert_allclose(to_numpy(out), fn(x), rtol=FORWARD_RTOL)  # tanh: another libm
     dout = normal(seed, *x.shape)
-    dx, _ = layer.backward(dout, cache)
-    assert_vjp_matches(lambda z: layer.forward(z)[0], x, dout, dx, seed)
+    dx = to_numpy(layer.backward(to_xp(dout), cache)[0])
+    assert_vjp_matches(_on_host(layer, to_xp), x, dout, dx, seed)
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @given(case=pool_cases(), seed=seeds)
-def test_pooling_forward_and_backward(kind, case, seed):
+def test_pooling_forward_and_backward(kind, case, seed, to_xp):
     cls = MaxPool2d if kind == "max" else AvgPool2d
     layer = cls(case["size"], case["stride"], case["ceil_mode"])
     x = distinct(seed, case["n"], case["c"], case["h"], case["w"])   # no max-pool ties
-    out, cache = layer.forward(x)
+    out, cache = layer.forward(to_xp(x))
+    out = to_numpy(out)
     ref = pool_loops(x, case["size"], case["stride"], case["ceil_mode"], kind)
     np.testing.assert_allclose(out, ref, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
     assert out.shape[1:] == layer.output_shape(x.shape[1:])
     dout = normal(seed, *out.shape)
-    dx, _ = layer.backward(dout, cache)
-    assert_vjp_matches(lambda z: layer.forward(z)[0], x, dout, dx, seed)
+    dx = to_numpy(layer.backward(to_xp(dout), cache)[0])
+    assert_vjp_matches(_on_host(layer, to_xp), x, dout, dx, seed)
 
 
 def test_cuda_convnet_pool_sizes():
@@ -92,29 +102,31 @@ def test_cuda_convnet_pool_sizes():
 
 
 @given(size=st.integers(1, 4), seed=seeds)
-def test_response_norm_forward_and_backward(size, seed):
+def test_response_norm_forward_and_backward(size, seed, to_xp):
     # A large scale makes the normaliser matter (5e-5 would hide a wrong derivative term).
     layer = ResponseNorm(size, scale=2.0, power=0.75)
     x = normal(seed, 2, 2, 5, 4)
-    out, cache = layer.forward(x)
-    np.testing.assert_allclose(out, response_norm_loops(x, size, 2.0, 0.75),
+    out, cache = layer.forward(to_xp(x))
+    np.testing.assert_allclose(to_numpy(out), response_norm_loops(x, size, 2.0, 0.75),
                                rtol=FORWARD_RTOL)
     dout = normal(seed + 1, *x.shape)
-    dx, _ = layer.backward(dout, cache)
-    assert_vjp_matches(lambda z: layer.forward(z)[0], x, dout, dx, seed)
+    dx = to_numpy(layer.backward(to_xp(dout), cache)[0])
+    assert_vjp_matches(_on_host(layer, to_xp), x, dout, dx, seed)
 
 
-def test_flatten_and_dropout():
+def test_flatten_and_dropout(to_xp):
     x = normal(0, 2, 3, 2, 2)
-    out, cache = Flatten().forward(x)
+    dx = to_xp(x)
+    out, cache = Flatten().forward(dx)
     assert out.shape == (2, 12)
-    np.testing.assert_array_equal(Flatten().backward(out, cache)[0], x)
+    np.testing.assert_array_equal(to_numpy(Flatten().backward(out, cache)[0]), x)
     drop = Dropout(0.5)
-    y, mask = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
-    assert set(np.unique(mask)) <= {0.0, 2.0}
-    np.testing.assert_array_equal(y, x * mask)
-    np.testing.assert_array_equal(drop.backward(x, mask)[0], x * mask)
-    np.testing.assert_array_equal(drop.forward(x)[0], x)          # evaluation: identity
+    y, mask = drop.forward(dx, ctx=Context(train=True, rng=np.random.default_rng(0)))
+    y, host_mask = to_numpy(y), to_numpy(mask)
+    assert set(np.unique(host_mask)) <= {0.0, 2.0}
+    np.testing.assert_array_equal(y, x * host_mask)
+    np.testing.assert_array_equal(to_numpy(drop.backward(dx, mask)[0]), x * host_mask)
+    np.testing.assert_array_equal(to_numpy(drop.forward(dx)[0]), x)   # evaluation: identity
     y2, _ = drop.forward(x, ctx=Context(train=True, rng=np.random.default_rng(0)))
     np.testing.assert_array_equal(y, y2)                          # same seed, same mask
 

@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 
 from kfc_ref.nn.losses import (classification_error, cross_entropy, sample_targets, softmax,
                             softmax_cross_entropy)
+from kfc_ref.backend import to_numpy
 from finite_differences import assert_vjp_matches
 from strategies import normal, seeds
 
@@ -14,28 +15,31 @@ SAMPLING_SIGMAS = 5.0
 
 
 @given(st.integers(1, 5), st.integers(2, 6), seeds)
-def test_gradient_matches_finite_differences(n, c, seed):
+def test_gradient_matches_finite_differences(to_xp, n, c, seed):
     z, y = normal(seed, n, c) * 3, np.random.default_rng(seed).integers(0, c, n)
-    loss, dz = softmax_cross_entropy(z, y)
-    np.testing.assert_allclose(loss, cross_entropy(z, y).mean(), rtol=1e-14)
-    assert_vjp_matches(lambda q: softmax_cross_entropy(q, y)[0], z, 1.0, dz, seed)
+    loss, dz = softmax_cross_entropy(to_xp(z), to_xp(y))
+    np.testing.assert_allclose(float(loss), float(cross_entropy(to_xp(z), to_xp(y)).mean()),
+                               rtol=1e-14)
+    assert_vjp_matches(lambda q: float(softmax_cross_entropy(to_xp(q), to_xp(y))[0]), z, 1.0,
+                       to_numpy(dz), seed)
 
 
-def test_large_logits_are_stable():
-    z = np.array([[1000.0, 0.0, -1000.0]])
-    loss, dz = softmax_cross_entropy(z, np.array([0]))
+def test_large_logits_are_stable(to_xp):
+    z = to_xp(np.array([[1000.0, 0.0, -1000.0]]))
+    loss, dz = softmax_cross_entropy(z, to_xp(np.array([0])))
+    loss, dz = float(loss), to_numpy(dz)
     assert np.isfinite(loss) and loss < 1e-12 and np.all(np.isfinite(dz))
 
 
-def test_sampled_frequencies_match_the_softmax():
+def test_sampled_frequencies_match_the_softmax(to_xp):
     n = 40_000
-    z = np.tile(np.array([[0.3, -1.0, 2.0, 0.0]]), (n, 1))
-    labels = sample_targets(z, np.random.default_rng(123))
+    z = to_xp(np.tile(np.array([[0.3, -1.0, 2.0, 0.0]]), (n, 1)))
+    labels = to_numpy(sample_targets(z, np.random.default_rng(123)))
     freq = np.bincount(labels, minlength=4) / n
-    p = softmax(z[0])
+    p = to_numpy(softmax(z[0]))
     bound = SAMPLING_SIGMAS * np.sqrt(p * (1 - p) / n)
     assert np.all(np.abs(freq - p) <= bound), (freq, p, bound)
-    again = sample_targets(z, np.random.default_rng(123))
+    again = to_numpy(sample_targets(z, np.random.default_rng(123)))
     np.testing.assert_array_equal(labels, again)       # same seed, same labels
 
 

@@ -8,6 +8,7 @@ from kfc_ref.nn.losses import softmax_cross_entropy
 from kfc_ref.nn.models import build_model, cifar10_convnet, small_convnet, tiny_convnet
 from kfc_ref.nn.network import Sequential
 from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.backend import to_numpy
 from finite_differences import EPS, FD_RTOL, directional_fd
 from strategies import seeds
 
@@ -33,19 +34,20 @@ def _same_piece(net, theta_a, theta_b, x, seed):
 
 
 @given(seed=seeds)
-def test_whole_network_gradient_matches_finite_differences(seed):
+def test_whole_network_gradient_matches_finite_differences(to_xp, seed):
     net = every_layer_net()
     params = net.init(seed, "float64")
     rng = np.random.default_rng(seed)
     x, y = rng.normal(size=(3, 2, 7, 7)), rng.integers(0, 5, 3)
+    dx, dy = to_xp(x), to_xp(y)
     # Dropout in training mode with a fixed mask: re-seed the generator on every call.
     def loss_at(theta):
-        tape = net.forward(net.unflatten(theta), x, train=True,
+        tape = net.forward(net.unflatten(to_xp(theta)), dx, train=True,
                            rng=np.random.default_rng(seed))
-        return float(softmax_cross_entropy(tape.output, y)[0])
-    _, grads, _ = net.loss_and_grads(params, x, y, train=True,
+        return float(softmax_cross_entropy(tape.output, dy)[0])
+    _, grads, _ = net.loss_and_grads([to_xp(p) for p in params], dx, dy, train=True,
                                      rng=np.random.default_rng(seed))
-    theta, g = net.flatten(params), net.flatten(grads)
+    theta, g = net.flatten(params), to_numpy(net.flatten(grads))
     v = rng.normal(size=theta.shape)
     # ReLU and max-pool are piecewise smooth: skip the rare direction whose +-eps points land
     # on different pieces (a different ReLU mask or max-pool winner), where no finite
@@ -55,26 +57,28 @@ def test_whole_network_gradient_matches_finite_differences(seed):
     assert abs(fd - an) <= FD_RTOL * max(1.0, abs(an))
 
 
-def test_flat_vector_is_column_stacking_and_round_trips():
+def test_flat_vector_is_column_stacking_and_round_trips(to_xp):
     net = tiny_convnet()
     params = net.init(0, "float64")
-    theta = net.flatten(params)
+    d_theta = net.flatten([to_xp(p) for p in params])
+    theta = to_numpy(d_theta)
     assert theta.shape == (net.num_params,)
     first = params[net.param_layers[0]]
     np.testing.assert_array_equal(theta[:first.size], first.ravel(order="F"))
-    back = net.unflatten(theta)
+    back = net.unflatten(d_theta)
     for a, b in zip(params, back):
-        assert (a is None and b is None) or np.array_equal(a, b)
+        assert (a is None and b is None) or np.array_equal(a, to_numpy(b))
     with pytest.raises(ValueError, match="theta must have shape"):
         net.unflatten(theta[:-1])
 
 
-def test_records_hold_patches_and_per_example_derivatives():
+def test_records_hold_patches_and_per_example_derivatives(to_xp):
     """DS of the mean-loss backward times N equals the per-example loss derivative."""
     net = tiny_convnet()
-    params = net.init(1, "float64")
+    params = [to_xp(p) for p in net.init(1, "float64")]
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(4, 1, 6, 6)), rng.integers(0, 3, 4)
+    x, y = to_xp(x), to_xp(y)
     tape = net.forward(params, x)
     _, dlogits = softmax_cross_entropy(tape.output, y)
     _, douts = net.backward(params, tape, dlogits)
@@ -83,9 +87,9 @@ def test_records_hold_patches_and_per_example_derivatives():
     # Example 0 alone: its loss gradient w.r.t. the last layer's pre-activation is p - onehot.
     single = net.forward(params, x[:1])
     _, d0 = softmax_cross_entropy(single.output, y[:1])
-    np.testing.assert_allclose(records[-1].DS[0, 0], d0[0], rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(records[-1].DS[0, 0]), to_numpy(d0[0]), rtol=1e-12)
     assert records[0].A_H.shape == (4, 36, 10)
-    np.testing.assert_array_equal(records[0].A_H[:, :, 0], 1.0)
+    np.testing.assert_array_equal(to_numpy(records[0].A_H[:, :, 0]), 1.0)
 
 
 def test_seeded_init_is_reproducible_and_models_have_the_documented_shapes():

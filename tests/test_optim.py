@@ -69,7 +69,7 @@ def dense_damped_fisher(state, damping, weight_decay, kron_order="Omega-Gamma"):
     blocks = []
     root = math.sqrt(weight_decay + damping)
     for f in state.factors:
-        Om, Ga = f.Omega, f.Gamma
+        Om, Ga = to_numpy(f.Omega), to_numpy(f.Gamma)        # host, also for device states
         pi = pi_trace(Om, Ga)
         Om_d = Om + pi * root * np.eye(Om.shape[0])
         Ga_d = Ga + root / pi * np.eye(Ga.shape[0])
@@ -80,8 +80,10 @@ def dense_damped_fisher(state, damping, weight_decay, kron_order="Omega-Gamma"):
 # --------------------------------------------------------------------------- (a)
 @settings(max_examples=8)
 @given(st.integers(0, 2**31), st.sampled_from([1e-3, 1e-2, 0.3]), st.sampled_from([0.0, 1e-3]))
-def test_kfc_pre_step_equals_dense_damped_solve(seed, damping, weight_decay):
-    net, params, x, y = tiny_problem(seed)
+def test_kfc_pre_step_equals_dense_damped_solve(to_xp, seed, damping, weight_decay):
+    """The step on the --xp module; the dense solve on the host."""
+    net, host_params, host_x, host_y = tiny_problem(seed)
+    params, x, y = [to_xp(p) for p in host_params], to_xp(host_x), to_xp(host_y)
     opt = KFCPre(lr=0.1, momentum=0.0, damping=damping, weight_decay=weight_decay, clip=None,
                  stats_period=NEVER, inverse_period=NEVER, averaging_tau=0)
     rng = np.random.default_rng(seed)
@@ -89,8 +91,8 @@ def test_kfc_pre_step_equals_dense_damped_solve(seed, damping, weight_decay):
                                    [x[:4], x[4:]], rng)
     new_params, state, info = opt.step(state, net, params, (x, y), rng)
     assert not info["stats_updated"] and not info["inverses_updated"]
-    step = net.flatten(new_params) - net.flatten(params)
-    g = decayed_gradient(net, params, x, y, weight_decay)
+    step = to_numpy(net.flatten(new_params)) - net.flatten(host_params)
+    g = decayed_gradient(net, host_params, host_x, host_y, weight_decay)
     want = -0.1 * np.linalg.solve(dense_damped_fisher(state, damping, weight_decay), g)
     assert np.linalg.norm(step - want) <= SOLVE_RTOL * np.linalg.norm(want)
     # Negative control: Gamma kron Omega is the row-major (wrong) order for our flat vector.
@@ -98,8 +100,8 @@ def test_kfc_pre_step_equals_dense_damped_solve(seed, damping, weight_decay):
     wrong = -0.1 * np.linalg.solve(swapped, g)
     assert np.linalg.norm(wrong - want) > 1e-3 * np.linalg.norm(want)
     # Averaging off (tau = 0): theta_bar is theta.
-    np.testing.assert_array_equal(net.flatten(opt.averaged_params(net, state)),
-                                  net.flatten(new_params))
+    np.testing.assert_array_equal(to_numpy(net.flatten(opt.averaged_params(net, state))),
+                                  to_numpy(net.flatten(new_params)))
 
 
 def test_initial_factors_are_the_mean_of_batch_estimates():
@@ -136,8 +138,10 @@ def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
 
 
 # --------------------------------------------------------------------------- (b)
-def test_clipping_rescales_nu_to_exactly_C():
-    net, params, x, y = tiny_problem(1)
+def test_clipping_rescales_nu_to_exactly_C(to_xp):
+    """The clipped step on the --xp module (the scale is computed on the device)."""
+    net, host_params, host_x, y = tiny_problem(1)
+    params, x, y = [to_xp(p) for p in host_params], to_xp(host_x), to_xp(y)
     kw = dict(lr=1.0, momentum=0.0, damping=1e-3, weight_decay=1e-3, nu_fraction=1.0,
               stats_period=NEVER, inverse_period=NEVER, averaging_tau=0)
     steps = {}
@@ -146,10 +150,11 @@ def test_clipping_rescales_nu_to_exactly_C():
         rng = np.random.default_rng(3)
         state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
         new_params, _, info = opt.step(state, net, params, (x, y), rng)
-        steps[clip] = (net.flatten(new_params) - net.flatten(params), info)
+        info = {k: to_numpy(info[k]).item() for k in ("clipped", "nu")}
+        steps[clip] = (to_numpy(net.flatten(new_params)) - net.flatten(host_params), info)
     v, info = steps[0.3]
     assert info["clipped"] and info["nu"] > 0.3
-    nu_after = fisher_quadratic(net, params, x, net.unflatten(v)) + 1e-3 * v @ v
+    nu_after = fisher_quadratic(net, host_params, host_x, net.unflatten(v)) + 1e-3 * v @ v
     np.testing.assert_allclose(nu_after, 0.3, rtol=CLIP_RTOL)
     v_free, info_free = steps[1e12]
     assert not info_free["clipped"]
@@ -179,16 +184,19 @@ def test_clip_scope_step_bounds_the_momentum_sum():
 
 
 # --------------------------------------------------------------------------- (c)
-def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand():
+def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand(to_xp):
+    """The two steps on the --xp module; the recursion by hand on the host."""
     net, params, x, y = tiny_problem(2)
+    d_params, d_x, d_y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     lr, mu, lam, tau = 0.05, 0.9, 1e-2, 3.0
     xi = math.exp(-1 / tau)
     opt = SGD(lr=lr, momentum=mu, weight_decay=lam, averaging_tau=tau)
-    state = opt.init_state(net, params)
+    state = opt.init_state(net, d_params)
     rng = np.random.default_rng(0)
-    assert opt.initialize_factors(state, net, params, [x], rng) is state   # no curvature
-    p1_params, state, _ = opt.step(state, net, params, (x, y), rng)
-    p2_params, state, info = opt.step(state, net, p1_params, (x[::-1], y[::-1]), rng)
+    assert opt.initialize_factors(state, net, d_params, [d_x], rng) is state   # no curvature
+    p1_params, state, _ = opt.step(state, net, d_params, (d_x, d_y), rng)
+    p2_params, state, info = opt.step(state, net, p1_params, (d_x[::-1], d_y[::-1]), rng)
+    p1_params, p2_params = ([to_numpy(p) for p in ps] for ps in (p1_params, p2_params))
     th0 = net.flatten(params)
     v1 = -lr * decayed_gradient(net, params, x, y, lam)
     th1 = th0 + v1
@@ -197,7 +205,7 @@ def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand():
     bar2 = xi * (xi * th0 + (1 - xi) * th1) + (1 - xi) * th2
     np.testing.assert_allclose(net.flatten(p1_params), th1, rtol=RECURSION_RTOL)
     np.testing.assert_allclose(net.flatten(p2_params), th2, rtol=RECURSION_RTOL)
-    np.testing.assert_allclose(net.flatten(opt.averaged_params(net, state)), bar2,
+    np.testing.assert_allclose(to_numpy(net.flatten(opt.averaged_params(net, state))), bar2,
                                rtol=RECURSION_RTOL)
     assert info["k"] == 2 and set(info) == {"k", "loss"}
 
@@ -241,8 +249,9 @@ def test_factor_moving_average_decay():
         moving_average_decay(0, 0.95)
 
 
-def test_kfc_pre_refresh_schedule():
+def test_kfc_pre_refresh_schedule(to_xp):
     net, params, x, y = tiny_problem(4)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = KFCPre(lr=0.01, stats_period=2, inverse_period=3)
     state, rng = opt.init_state(net, params), np.random.default_rng(0)
     seen = []
@@ -397,12 +406,15 @@ def test_overhead_benchmark_runs_in_quick_mode():
                                      ("kfc-pre", {"lr": 0.01, "stats_period": 2}),
                                      ("kfac", {"lm_period": 2, "gamma_period": 2,
                                                "inverse_period": 2})])
-def test_optimizers_stay_in_a_second_array_namespace(name, kw):
-    """The guarded namespace (tests/guarded_xp.py) stands in for CuPy: any NumPy call on, or
-    host array mixed into, a device array raises; results must match NumPy's."""
+def test_optimizers_stay_in_a_second_array_namespace(name, kw, to_xp, xp, xp_name):
+    """Three steps on the --xp module (the guarded namespace when --xp numpy, as the CuPy
+    stand-in: any NumPy call on, or host array mixed into, a device array raises) match
+    NumPy's."""
+    if xp_name == "numpy":
+        to_xp, xp = asguarded, guarded
     net, params, x, y = tiny_problem(7, n=16)
     runs = {}
-    for to_device in (np.asarray, asguarded):
+    for to_device in (np.asarray, to_xp):
         opt = make_optimizer(name, **kw)
         ps = [None if p is None else to_device(p) for p in params]
         rng = np.random.default_rng(3)
@@ -411,8 +423,8 @@ def test_optimizers_stay_in_a_second_array_namespace(name, kw):
             batch = (to_device(x[4 * k:4 * k + 8]), to_device(y[4 * k:4 * k + 8]))
             ps, state, info = opt.step(state, net, ps, batch, rng)
         runs[to_device] = (ps, state, info)
-    ps, state, info = runs[asguarded]
-    assert all(get_xp(w) is guarded for w in compact(net, ps) + state.theta_bar)
+    ps, state, info = runs[to_xp]
+    assert all(get_xp(w) is xp for w in compact(net, ps) + state.theta_bar)
     np.testing.assert_allclose(to_numpy(net.flatten(ps)),
                                net.flatten(runs[np.asarray][0]), rtol=1e-9)
     assert info.keys() == runs[np.asarray][2].keys()

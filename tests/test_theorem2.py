@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kfc_ref.backend import to_numpy
 from kfc_ref.nn.expand import ConvGeometry, im2col
 from kfc_ref.curvature.factors import gamma_from_derivatives, network_factors, omega_from_patches
 from kfc_ref.curvature.fisher import (
@@ -87,18 +88,19 @@ def test_gamma_expectation_is_gamma_at_zero_offset(H, W, I, f, seed):
 
 
 # --------------------------------------------------------------------------- (b)
-def test_gram_estimator_is_unbiased():
+def test_gram_estimator_is_unbiased(to_xp):
     geom = ConvGeometry(3, 3, 1, 1)
     act = StationaryGaussianField.random(np.random.default_rng(0), 2, (4, 3), 2, (2, 2))
-    x = act.sample(MC_SAMPLES, np.random.default_rng(1))
-    assert _rel(omega_from_patches(im2col(x, geom)), exact_omega(act, geom)) < MC_REL_BOUND
+    x = to_xp(act.sample(MC_SAMPLES, np.random.default_rng(1)))
+    assert _rel(to_numpy(omega_from_patches(im2col(x, geom))), exact_omega(act, geom)) \
+        < MC_REL_BOUND
 
 
 @given(conv_cases(max_channels=3, max_size=5), st.integers(0, 2**31 - 1))
-def test_gram_estimator_is_always_psd(case, seed):
+def test_gram_estimator_is_always_psd(to_xp, case, seed):
     x = np.random.default_rng(seed).normal(size=(case["n"], case["j"], case["h"], case["w"]))
     x += np.random.default_rng(seed + 1).normal()                          # a non-zero mean
-    omega = omega_from_patches(im2col(x, _geom(case)))
+    omega = to_numpy(omega_from_patches(im2col(to_xp(x), _geom(case))))
     eig = np.linalg.eigvalsh(omega)
     assert eig.min() >= -PSD_TOL * max(1.0, eig.max())
 

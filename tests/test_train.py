@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from kfc_ref.backend import get_xp
 from kfc_ref.experiments import train as train_mod
 from kfc_ref.experiments.checkpoint import load_checkpoint
 from kfc_ref.experiments.train import TrainConfig, TrainingStopped, main, read_metrics, train
@@ -22,20 +23,25 @@ def _strip_time(rows):
 
 
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("kfc-pre", 0.01)])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, optimizer, lr):
-    full = train(_cfg(tmp_path, "full", optimizer=optimizer, lr=lr, iters=6, eval_every=2))
-    part = _cfg(tmp_path, "part", optimizer=optimizer, lr=lr, iters=4, eval_every=2)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, optimizer, lr, device, xp):
+    """On the --xp module's device (--device gpu under guarded/cupy)."""
+    full = train(_cfg(tmp_path, "full", optimizer=optimizer, lr=lr, iters=6, eval_every=2,
+                      device=device))
+    part = _cfg(tmp_path, "part", optimizer=optimizer, lr=lr, iters=4, eval_every=2,
+                device=device)
     train(part)
     part.iters = 6
     resumed = train(part, resume=True)
+    assert get_xp(*(p for p in resumed.params if p is not None)) is xp   # ran on the device
     a, _ = load_checkpoint(os.path.join(full.out_dir, "checkpoint.npz"))
     b, _ = load_checkpoint(os.path.join(resumed.out_dir, "checkpoint.npz"))
     np.testing.assert_array_equal(a["theta"], b["theta"])
     assert _strip_time(read_metrics(full.out_dir)) == _strip_time(read_metrics(resumed.out_dir))
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = _cfg(tmp_path, "nan", optimizer="sgd", lr=50.0, iters=40, eval_every=1)
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, device):
+    cfg = _cfg(tmp_path, "nan", optimizer="sgd", lr=50.0, iters=40, eval_every=1,
+               device=device)
     with pytest.raises(TrainingStopped, match="NaN/inf or exploding"):
         train(cfg)
     arrays, meta = load_checkpoint(os.path.join(cfg.out, "checkpoint.npz"))
