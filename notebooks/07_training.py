@@ -75,8 +75,9 @@ for row in runs["kfc-pre"]:
           f"clipped = {bool(row['clipped'])}, pi = {[round(p, 2) for p in row['pi']]}")
 
 # %% [markdown]
-# The committed comparison (`python -m kfc_ref figures`): the small net on the built-in
-# 5,000-image MNIST subset, **80 iterations** of each method at batch 128 (about two epochs),
+# The committed comparison (`python -m kfc_ref figures --out figures --overwrite`): the small
+# net on the built-in 5,000-image MNIST subset, **80 iterations** of each method at batch 128
+# (about two epochs),
 # parameters averaged. Per iteration KFC-pre reaches a lower training loss; each of its
 # iterations costs about twice an SGD iteration on this small net (it estimates the factors
 # and inverts them), so against seconds the two are close over this short run. The tour
