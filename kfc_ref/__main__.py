@@ -8,8 +8,9 @@ dispatches, so importing one command never pulls in the others.
 """
 from __future__ import annotations
 
-import importlib
 import sys
+
+from kfc_ref.experiments.cli import dispatch, subcommand_usage
 
 COMMANDS = {
     "check": ("kfc_ref.experiments.checks", "run the paper's theorem checks on fresh random cases"),
@@ -29,28 +30,16 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: python -m kfc_ref <command> [options]   (installed: kfc-ref <command>)",
              "       python -m kfc_ref --version", "", "commands:"]
-    lines += [f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()]
-    lines += ["", "Run `python -m kfc_ref <command> --help` for a command's options."]
-    return "\n".join(lines)
+    return "\n".join(lines + subcommand_usage("python -m kfc_ref", COMMANDS, 8))
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
-    if argv[0] == "--version":
+    if argv[:1] == ["--version"]:
         from kfc_ref import __version__
         print(f"kfc_ref {__version__}")
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}\n",
-              file=sys.stderr)
-        print(_usage(), file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return dispatch("command", COMMANDS, argv, _usage())
 
 
 if __name__ == "__main__":

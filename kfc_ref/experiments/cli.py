@@ -4,6 +4,7 @@ error is one line on stderr, without a traceback, with exit code 2; output folde
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -29,3 +30,23 @@ def add_output_arguments(p: argparse.ArgumentParser, what: str, *, required: boo
     p.add_argument("--overwrite", action="store_true",
                    help=f"reuse an existing non-empty {what}, replacing the files this command "
                         "writes there (nothing is removed before the arguments are checked)")
+
+
+def subcommand_usage(prog: str, table: dict, width: int = 10) -> list[str]:
+    """The lines listing ``table``'s subcommands ({name: (module, description)})."""
+    return [f"  {name:<{width}} {doc}" for name, (_, doc) in table.items()] + [
+        "", f"Run `{prog} <name> --help` for its options."]
+
+
+def dispatch(kind: str, table: dict, argv: list, usage: str) -> int:
+    """Run ``table[argv[0]]``'s ``main(argv[1:])`` (modules imported on demand, so one command
+    never loads the others); ``-h``/nothing prints ``usage``; an unknown name is a one-line
+    error with exit code 2."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        return fail(f"unknown {kind} {name!r}; choose one of {', '.join(table)}")
+    return int(importlib.import_module(table[name][0]).main(rest) or 0)
+

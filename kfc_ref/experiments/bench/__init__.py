@@ -9,8 +9,9 @@ Each reports ratios measured side by side in one run (never timed assertions):
 """
 from __future__ import annotations
 
-import importlib
 import sys
+
+from kfc_ref.experiments.cli import dispatch, subcommand_usage
 
 #: subcommand -> (module, one-line description)
 BENCHMARKS = {
@@ -25,23 +26,11 @@ BENCHMARKS = {
 
 def usage() -> str:
     lines = ["usage: python -m kfc_ref bench <benchmark> [options]", "", "benchmarks:"]
-    lines += [f"  {name:<10} {doc}" for name, (_, doc) in BENCHMARKS.items()]
-    lines += ["", "Run `python -m kfc_ref bench <benchmark> --help` for its options."]
-    return "\n".join(lines)
+    return "\n".join(lines + subcommand_usage("python -m kfc_ref bench", BENCHMARKS))
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in BENCHMARKS:
-        print(f"error: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}",
-              file=sys.stderr)
-        return 2
-    module = importlib.import_module(BENCHMARKS[name][0])
-    return int(module.main(rest) or 0)
+    return dispatch("benchmark", BENCHMARKS, list(sys.argv[1:] if argv is None else argv), usage())
 
 
 __all__ = ["BENCHMARKS", "main"]
