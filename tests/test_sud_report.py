@@ -114,13 +114,17 @@ def test_ring_profile_averages_rings_of_live_maps():
     assert np.isnan(ring_profile(a, dead=[True, True])).all()
 
 
-def test_read_run_config_is_defensive(tmp_path):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "config.json").write_text(json.dumps({"data": "digits", "data_dir": "data",
-                                                      "new_setting": 1}))
-    cfg = read_run_config(str(tmp_path))
-    assert cfg["arch"] == "small" and cfg["data_dir"] == str(tmp_path / "data")
-    assert cfg["zca"] is False and cfg["dtype"] == "float32"
+def test_read_run_config_reads_what_train_recorded_and_names_a_foreign_key(run_dir, tmp_path):
+    cfg = read_run_config(run_dir)
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        record = json.load(fh)
+    assert cfg["data"] == record["data"] and cfg["arch"] == record["arch"]
+    assert cfg["seed"] == record["seed"] and cfg["dtype"] == record["dtype"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({**record, "new_setting": 1}))
+    with pytest.raises(ValueError, match="unknown setting.*'new_setting'"):
+        read_run_config(str(foreign))
 
 
 def test_errors_are_one_line(tmp_path, capsys):

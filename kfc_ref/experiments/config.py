@@ -198,10 +198,10 @@ def read_run_record(run_dir: str) -> dict:
     FileNotFoundError) naming the file and the key."""
     path = os.path.join(run_dir, CONFIG_NAME)
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"--resume {run_dir}: no such run directory")
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume {run_dir}: {path} is missing, so this is not a run "
-                                "directory of `python -m kfc_ref train`")
+        raise FileNotFoundError(f"{path} is missing, so {run_dir} is not a run directory of "
+                                "`python -m kfc_ref train`")
     try:
         with open(path, encoding="utf-8") as fh:
             record = json.load(fh)

@@ -18,7 +18,7 @@ takes the first ``examples`` images of a split, samples one target per image fro
 * ``sud_history.{png,pdf}`` when the run recorded the summary during training
   (:func:`record_sud_history` writes ``RUN_DIR/sud_history.jsonl``).
 
-:func:`read_run_config` is the one place that knows the layout of ``config.json``.
+The run's settings are read through :mod:`kfc_ref.experiments.config`.
 """
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ import sys
 import numpy as np
 
 from kfc_ref.backend import DEVICES, check_device, namespace_for
-from kfc_ref.data import DATASET_NAMES, load_dataset, preprocess
+from kfc_ref.data import load_dataset, preprocess
 from kfc_ref.experiments import plotting
 from kfc_ref.experiments.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint
-from kfc_ref.experiments.config import DEFAULT_ARCH
+from kfc_ref.experiments.config import (
+    CONFIG_NAME, DEFAULT_ARCH, config_from_settings, read_run_record, record_settings,
+)
 from kfc_ref.experiments.sud_history import (  # noqa: F401  (part of this command's API)
     SUD_HISTORY_NAME, read_sud_history, record_sud_history,
 )
-from kfc_ref.nn.models import ARCHITECTURES, build_model
+from kfc_ref.nn.models import build_model
 from kfc_ref.optim import state_from_numpy
 from kfc_ref.optim.base import expand
 from kfc_ref.theory.correlation import DEFAULT_MAX_OFFSET
@@ -52,36 +54,16 @@ DEAD_NOTE = ("Dead maps (exactly 0 on every example; counted in the row labels) 
 
 
 def read_run_config(run_dir: str) -> dict:
-    """What the SUD report needs from a run's configuration, read defensively.
+    """What the SUD report needs from the settings ``train`` recorded in ``RUN_DIR/config.json``:
+    {data, data_dir, arch, seed, max_train, max_test, zca, dtype}, the architecture resolved.
 
-    Reads ``RUN_DIR/config.json`` (else the ``config`` recorded in the checkpoint) and returns
-    {data, data_dir, arch, seed, max_train, max_test, zca, dtype} with defaults for missing
-    keys.  A relative ``data_dir`` is tried relative to the run folder, then to the current
-    folder.  Unknown keys are ignored, so a richer config keeps working.
-    """
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            cfg = json.load(fh)
-    else:
-        cfg = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))[1].get("config", {})
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    data = cfg.get("data", "mnist5k")
-    if data not in DATASET_NAMES:
-        raise ValueError(f"{path}: data={data!r} is not one of {DATASET_NAMES}")
-    data_dir = cfg.get("data_dir")
-    if data_dir and not os.path.isabs(data_dir):
-        for base in (run_dir, os.getcwd()):
-            if os.path.isdir(os.path.join(base, data_dir)):
-                data_dir = os.path.join(base, data_dir)
-                break
-    arch = cfg.get("arch") or DEFAULT_ARCH[data]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: arch={arch!r} is not one of {ARCHITECTURES}")
-    return {"data": data, "data_dir": data_dir, "arch": arch, "seed": int(cfg.get("seed", 0)),
-            "max_train": cfg.get("max_train"), "max_test": cfg.get("max_test"),
-            "zca": bool(cfg.get("zca", False)), "dtype": cfg.get("dtype", "float32")}
+    Read through :mod:`kfc_ref.experiments.config` (the one owner of that layout), so a missing,
+    unknown or mistyped key is named with the file, as for ``train --resume``."""
+    record = read_run_record(run_dir)
+    cfg = config_from_settings(record_settings(record), os.path.join(run_dir, CONFIG_NAME))
+    return {"data": cfg.data, "data_dir": cfg.data_dir, "arch": cfg.arch or DEFAULT_ARCH[cfg.data],
+            "seed": cfg.seed, "max_train": cfg.max_train, "max_test": cfg.max_test,
+            "zca": cfg.zca, "dtype": cfg.dtype}
 
 
 def load_run(run_dir: str, device: str = "cpu", params: str = "averaged", data_dir=None):
