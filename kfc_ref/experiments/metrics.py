@@ -11,31 +11,19 @@ import csv
 import io
 import os
 
-import numpy as np
 
 from kfc_ref.experiments.checkpoint import atomic_write_text
+from kfc_ref.optim.base import host_value
 
 METRIC_COLUMNS = ("iteration", "examples_seen", "wall_seconds", "train_loss", "train_error",
                   "test_loss", "test_error")
 METRICS_NAME = "metrics.csv"
 
 
-def log_value(value):
-    """A host value for the log: 0-d device arrays and NumPy scalars -> float (read here, at
-    log time only), lists -> lists of floats, bools and ints kept, None kept."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (list, tuple)):
-        return [log_value(v) for v in value]
-    return float(value)
-
-
 def info_columns(info: dict) -> dict:
     """The optimizer's ``info`` as metrics columns: every key, ``loss`` renamed ``batch_loss``
     (the mini-batch loss before the step), ``k`` dropped (it is the iteration)."""
-    return {("batch_loss" if key == "loss" else key): log_value(value)
+    return {("batch_loss" if key == "loss" else key): host_value(value)
             for key, value in info.items() if key != "k"}
 
 

@@ -50,7 +50,7 @@ from kfc_ref.experiments.config import (
     config_from_args, new_run_record, read_run_record, reconcile, resolve, settings_of,
     write_run_record)
 from kfc_ref.experiments.metrics import (  # noqa: F401  (read_metrics: part of a run's API)
-    METRIC_COLUMNS, METRICS_NAME, format_metric, info_columns, log_value, read_metrics,
+    METRIC_COLUMNS, METRICS_NAME, format_metric, info_columns, read_metrics,
     write_metrics)
 from kfc_ref.experiments.progress import Progress
 from kfc_ref.experiments.sud_history import record_sud_history
@@ -58,6 +58,7 @@ from kfc_ref.experiments.rundir import RUN_FILES, check_new_output, make_output
 from kfc_ref.nn.losses import classification_error, cross_entropy
 from kfc_ref.nn.models import build_model
 from kfc_ref.optim import make_optimizer, state_from_numpy, state_to_numpy
+from kfc_ref.optim.base import host_value
 from kfc_ref.validate import ArgumentError
 
 #: A loss above this multiple of the first mini-batch loss (or above EXPLODE_ABSOLUTE) counts as
@@ -186,7 +187,7 @@ def save_run_state(path: str, setup: Setup, run: RunState) -> None:
     meta = {"config": settings_of(setup.cfg), "iteration": run.k, "metrics": run.rows,
             "wall_seconds": run.elapsed, "rng_state": run.rng.bit_generator.state,
             "first_loss": run.first_loss,
-            "info": {key: log_value(value) for key, value in run.info.items()}}
+            "info": {key: host_value(value) for key, value in run.info.items()}}
     save_checkpoint(path, arrays, meta)
 
 
@@ -247,7 +248,7 @@ def _deferred_signals():
 
 def _check_loss(run: RunState, path: str) -> None:
     """Stop on a NaN/inf or exploding mini-batch loss (read from the device here)."""
-    loss = log_value(run.info.get("loss"))
+    loss = host_value(run.info.get("loss"))
     if loss is None:
         return
     run.first_loss = loss if run.first_loss is None else run.first_loss
@@ -275,7 +276,7 @@ def _step(setup: Setup, run: RunState) -> None:
         raise
     run.params, run.state, run.info, run.k = params, state, info, run.k + 1
     if run.first_loss is None:        # the reference for 'exploding': one host read, once a run
-        run.first_loss = log_value(info.get("loss"))
+        run.first_loss = host_value(info.get("loss"))
     run.elapsed += time.perf_counter() - t0
 
 
@@ -322,7 +323,7 @@ def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progres
                 _record_sud(setup, run, run_dir)
             _save(setup, run, run_dir)
             progress.update(run.k, run.k * cfg.batch_size, run.elapsed,
-                            log_value(run.info.get("loss", math.nan)),
+                            host_value(run.info.get("loss", math.nan)),
                             run.rows[-1]["test_error"], force=True)
         if timed_out or run.k >= total:
             return "time_limit" if timed_out and run.k < total else "finished"
@@ -332,7 +333,7 @@ def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progres
         if isinstance(run.info.get("loss"), float) or progress.wants_loss(run.k):
             _check_loss(run, ckpt)                   # host floats: every step, for free
         progress.update(run.k, run.k * cfg.batch_size, run.elapsed,
-                        lambda: log_value(run.info["loss"]))
+                        lambda: host_value(run.info["loss"]))
 
 
 def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[Setup, RunState]:

@@ -96,16 +96,21 @@ def inner_products(vectors: list):
     return total
 
 
+def host_value(value):
+    """A logged quantity as a Python value: device arrays and NumPy scalars read back (0-d ->
+    number or bool, others -> nested lists), lists element by element, Python values kept.
+    Each array is one device-to-host read: call it at log points only."""
+    if isinstance(value, (list, tuple)):
+        return [host_value(v) for v in value]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        host = to_numpy(value)
+        return host.item() if host.shape == () else host.tolist()
+    return value
+
+
 def info_to_host(info: dict) -> dict:
-    """``info`` with every device array (0-d, or in a list) read back as Python numbers, for
-    logging.  One device-to-host read per array: call it at log points only."""
-    def host(v):
-        if isinstance(v, (list, tuple)):
-            return [host(u) for u in v]
-        if hasattr(v, "shape") and hasattr(v, "dtype"):
-            return to_numpy(v).item() if v.shape == () else to_numpy(v).tolist()
-        return v
-    return {k: host(v) for k, v in info.items()}
+    """``info`` with every entry read back by :func:`host_value` (for logging)."""
+    return {k: host_value(v) for k, v in info.items()}
 
 
 def subset_indices(n: int, fraction: float, rng):
