@@ -36,11 +36,11 @@ from kfc_ref.experiments.checkpoint import CHECKPOINT_NAME, atomic_write_text, l
 from kfc_ref.experiments.config import (
     CONFIG_NAME, DEFAULT_ARCH, config_from_settings, read_run_record, record_settings,
 )
+from kfc_ref.experiments.train import checkpoint_state
 from kfc_ref.experiments.sud_history import (  # noqa: F401  (part of this command's API)
     SUD_HISTORY_NAME, read_sud_history, record_sud_history,
 )
 from kfc_ref.nn.models import build_model
-from kfc_ref.optim import state_from_numpy
 from kfc_ref.optim.base import expand
 from kfc_ref.theory.correlation import DEFAULT_MAX_OFFSET
 from kfc_ref.theory.sud import sud_analysis, summaries_to_json
@@ -81,9 +81,7 @@ def load_run(run_dir: str, device: str = "cpu", params: str = "averaged", data_d
     net = build_model(cfg["arch"], dataset.image_shape, dataset.num_classes)
     xp = namespace_for(device)
     if params == "averaged":
-        state = state_from_numpy({k[6:]: v for k, v in arrays.items()
-                                  if k.startswith("state/")}, device)
-        values = expand(net, state.theta_bar)
+        values = expand(net, checkpoint_state(arrays, device).theta_bar)
     else:
         values = net.unflatten(xp.asarray(arrays["theta"]))
     return net, values, dataset, cfg

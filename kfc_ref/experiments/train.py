@@ -191,6 +191,12 @@ def save_run_state(path: str, setup: Setup, run: RunState) -> None:
     save_checkpoint(path, arrays, meta)
 
 
+def checkpoint_state(arrays, device: str):
+    """The optimizer state stored under ``state/`` in a checkpoint's arrays, on ``device``."""
+    return state_from_numpy({k[len("state/"):]: v for k, v in arrays.items()
+                             if k.startswith("state/")}, device)
+
+
 def load_run_state(path: str, setup: Setup) -> RunState:
     """The RunState of the checkpoint at ``path``, checked to belong to this run."""
     arrays, meta = load_checkpoint(path, required=("theta",))
@@ -203,8 +209,7 @@ def load_run_state(path: str, setup: Setup) -> RunState:
                               f"from {CONFIG_NAME}; restore the matching files or start a new run")
     try:
         params = setup.net.unflatten(namespace_for(setup.cfg.device).asarray(arrays["theta"]))
-        state = state_from_numpy({k[6:]: v for k, v in arrays.items()
-                                  if k.startswith("state/")}, setup.cfg.device)
+        state = checkpoint_state(arrays, setup.cfg.device)
         setup.stream.load_state_dict({k[7:]: v for k, v in arrays.items()
                                       if k.startswith("stream/")})
         rng = np.random.default_rng()
