@@ -305,8 +305,8 @@ def test_device_batches_gather_on_the_device_with_host_indices():
 def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monkeypatch):
     """The --device gpu path on CPU: every array lives in the guarded namespace (which refuses
     direct NumPy calls), the training set is uploaded once, and the run equals the CPU run bit
-    for bit.  In float64: off NumPy the engine takes its few-launch kernels
-    (``backend.few_launches``), and in float32 those round differently (~1e-7 relative)."""
+    for bit in float64 (in float32 the few-launch kernels the engine takes off NumPy,
+    ``backend.few_launches``, round differently, ~1e-7 relative)."""
     from guarded_xp import asguarded
     from kfc_ref.nn.network import Sequential
     cpu = train(_cfg(tmp_path / "cpu", iters=4, eval_every=2, dtype="float64"))
