@@ -67,9 +67,10 @@ def test_every_module_imports(name):
     importlib.import_module(name)
 
 
-def test_subpackages_import_one_way_only():
+def layer_violations(modules: dict) -> list[str]:
+    """'A imports B' for every import of ``modules`` ({name: path}) against the layer order."""
     bad = []
-    for name, path in MODULES.items():
+    for name, path in modules.items():
         src = area(name)
         if src is None:          # the top-level package re-exports the public API
             continue
@@ -77,9 +78,27 @@ def test_subpackages_import_one_way_only():
             dst = area(target)
             if dst is None or dst == src:
                 continue
-            if RANK[dst] > RANK[src] or (RANK[dst] == RANK[src]):
+            if RANK[dst] >= RANK[src]:
                 bad.append(f"{name} imports {target}")
-    assert not bad, "imports against the layer order:\n" + "\n".join(sorted(bad))
+    return sorted(bad)
+
+
+def test_subpackages_import_one_way_only():
+    bad = layer_violations(MODULES)
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_layer_check_sees_an_upward_and_a_sideways_import(tmp_path):
+    """Negative control: nn importing experiments (upward) and optim importing theory (same
+    rank, different subpackage) are both reported; a downward import is not."""
+    up, side, down = (tmp_path / f"{n}.py" for n in ("up", "side", "down"))
+    up.write_text("from kfc_ref.experiments import train\n")
+    side.write_text("def f():\n    from kfc_ref.theory import sud\n")     # lazy counts too
+    down.write_text("from kfc_ref.nn import layers\n")
+    bad = layer_violations({"kfc_ref.nn.up": up, "kfc_ref.optim.side": side,
+                            "kfc_ref.curvature.down": down})
+    assert bad == ["kfc_ref.nn.up imports kfc_ref.experiments.train",
+                   "kfc_ref.optim.side imports kfc_ref.theory.sud"]
 
 
 def test_import_graph_is_acyclic():
