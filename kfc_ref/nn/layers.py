@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as _host_np  # host-side initialisation and dropout masks only (seeded Generators)
+import numpy as _host_np  # host-side initialisation only (seeded Generators)
 
 from kfc_ref.backend import asarray_like, get_xp
+from kfc_ref.nn.keyed_random import draw_uniform
 from kfc_ref.nn.expand import ConvGeometry, col2im_of_product, im2col_matrix, patches_view
 from kfc_ref.validate import check_int, check_number
 
@@ -370,7 +371,8 @@ class Flatten(Layer):
 class Dropout(Layer):
     """Inverted dropout: in training, keep each unit with probability 1 - rate and scale by
     1/(1 - rate); identity at evaluation.  The mask is drawn from ``ctx.rng`` (a NumPy
-    Generator), so a seed fixes it on every device."""
+    Generator, or a :class:`~kfc_ref.nn.keyed_random.ExampleRandom` that keys each example's
+    mask by its row in the global mini-batch), so a seed fixes it on every device."""
 
     channel_major = True
 
@@ -382,10 +384,11 @@ class Dropout(Layer):
         if ctx is None or not ctx.train or self.rate == 0.0:
             return x, None
         if ctx.rng is None:
-            raise ValueError("Dropout in training mode needs ctx.rng (a numpy Generator)")
+            raise ValueError("Dropout in training mode needs ctx.rng (a numpy Generator or an "
+                             "ExampleRandom)")
         cm = ctx.channel_major and x.ndim == 4
         shape = (x.shape[1], x.shape[0]) + tuple(x.shape[2:]) if cm else x.shape
-        keep = ctx.rng.random(shape) >= self.rate         # drawn in the public (N, C, ...) order
+        keep = draw_uniform(ctx.rng, shape, like=x) >= self.rate  # in the public (N, C, ...) order
         if cm:
             keep = keep.transpose(1, 0, 2, 3)
         mask = asarray_like(keep / (1.0 - self.rate), like=x)

@@ -10,9 +10,10 @@ backward pass:
 """
 from __future__ import annotations
 
-import numpy as _host_np  # host-side uniforms only, so a seed fixes the samples on every device
+import numpy as _host_np  # host-side label-range checks only
 
-from kfc_ref.backend import asarray_like, get_xp
+from kfc_ref.backend import get_xp
+from kfc_ref.nn.keyed_random import draw_uniform
 from kfc_ref.validate import ArgumentError
 
 
@@ -92,18 +93,18 @@ def softmax_cross_entropy(logits, labels):
     return loss, (get_xp(logits).exp(logp) - onehot) / n
 
 
-def sample_targets(logits, rng: _host_np.random.Generator):
+def sample_targets(logits, rng):
     """Draw one label per example from p = softmax(logits) by inverse-CDF sampling.
 
-    The N uniforms come from ``rng`` (a NumPy Generator) on the host, so the same seed gives the
-    same labels on CPU and GPU.  Returns int64 labels (N,) in the namespace of ``logits``.
+    The N uniforms come from ``rng``: a NumPy Generator (drawn on the host) or an
+    :class:`~kfc_ref.nn.keyed_random.ExampleRandom` (keyed by each example's row in the global
+    mini-batch); either way the same seed gives the same labels on CPU and GPU.  Returns int64
+    labels (N,) in the namespace of ``logits``.
     """
-    if not isinstance(rng, _host_np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     xp = get_xp(logits)
     p = softmax(logits)
     cdf = xp.cumsum(p, axis=1)
-    u = asarray_like(rng.random((logits.shape[0], 1)), like=p)
+    u = draw_uniform(rng, (logits.shape[0], 1), like=p).astype(p.dtype)
     # label = number of CDF entries strictly below u, clipped against round-off at the top.
     labels = xp.sum((cdf < u).astype(xp.int64), axis=1)
     return xp.minimum(labels, logits.shape[1] - 1)
