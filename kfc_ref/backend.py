@@ -275,3 +275,59 @@ def synchronize(a=None) -> None:
             cp.cuda.Stream.null.synchronize()
         except Exception:
             pass
+
+
+# --------------------------------------------------------------------------- multi-GPU
+def use_gpu_of_rank(local_rank: int) -> int:
+    """Make GPU ``local_rank % device count`` current for this process (data-parallel ranks on
+    one node share its GPUs round-robin); returns its index."""
+    cp = _import_cupy()
+    if cp is None:
+        raise RuntimeError(gpu_unavailable_reason())
+    index = local_rank % max(1, cp.cuda.runtime.getDeviceCount())
+    cp.cuda.Device(index).use()
+    return index
+
+
+class NcclComm:
+    """Sum-all-reduce and broadcast of CuPy arrays through NCCL (``cupy.cuda.nccl``), on the
+    current stream, in place.  Built collectively by all ranks of an MPI communicator, which
+    carries NCCL's unique id from rank 0."""
+
+    _TYPES = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64"}
+
+    def __init__(self, mpi_comm):
+        from cupy.cuda import nccl         # noqa: F401  (CuPy's NCCL binding)
+        self._nccl = nccl
+        uid = nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None
+        uid = mpi_comm.bcast(uid, root=0)
+        self._comm = nccl.NcclCommunicator(mpi_comm.Get_size(), uid, mpi_comm.Get_rank())
+
+    def _type(self, a):
+        name = self._TYPES.get(str(a.dtype))
+        if name is None:
+            raise TypeError(f"NCCL reduction of {a.dtype} arrays is not supported here")
+        return getattr(self._nccl, name)
+
+    def allreduce_sum(self, buf) -> None:
+        stream = _import_cupy().cuda.get_current_stream().ptr
+        self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._type(buf),
+                             self._nccl.NCCL_SUM, stream)
+
+    def broadcast(self, buf, root: int) -> None:
+        stream = _import_cupy().cuda.get_current_stream().ptr
+        self._comm.bcast(buf.data.ptr, buf.size, self._type(buf), root, stream)
+
+
+def nccl_comm(mpi_comm):
+    """A :class:`NcclComm` over ``mpi_comm``'s ranks, or None when CuPy has no NCCL."""
+    cp = _import_cupy()
+    if cp is None:
+        return None
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return None
+    if not getattr(nccl, "available", True):
+        return None
+    return NcclComm(mpi_comm)

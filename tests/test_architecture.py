@@ -14,8 +14,8 @@ import kfc_ref
 ROOT = pathlib.Path(kfc_ref.__file__).parent
 #: subpackage (or top-level module) -> rank; a module may import only ranks <= its own, and
 #: two different subpackages of the same rank may not import each other.
-RANK = {"backend": 0, "validate": 0, "data": 0, "nn": 1, "curvature": 2, "theory": 3, "optim": 3,
-        "experiments": 4, "__main__": 5}
+RANK = {"backend": 0, "validate": 0, "data": 0, "nn": 1, "comm": 1, "curvature": 2, "theory": 3,
+        "optim": 3, "experiments": 4, "__main__": 5}
 
 
 def module_names():

@@ -25,6 +25,7 @@ from kfc_ref.optim.kfac import (
 )
 from kfc_ref.nn.losses import softmax_cross_entropy
 from kfc_ref.optim.base import compact, expand, inner, loss_and_decayed_gradient
+from kfc_ref.optim.data_parallel import BatchShard
 from kfc_ref.validate import ArgumentError
 
 #: M at the solved (alpha, mu) vs the brute-force grid: both are the same quadratic evaluated
@@ -44,7 +45,8 @@ def model_change(net, params, tape, g, total, delta):
 def directions(seed):
     net, params, x, y = tiny_problem(seed)
     rng = np.random.default_rng(seed + 100)
-    _, g, _ = loss_and_decayed_gradient(net, params, x, y, 1e-3, rng)
+    _, g, _ = loss_and_decayed_gradient(net, params, x, y, 1e-3,
+                                        BatchShard.of(None, len(y), rng))
     Delta = [-gl + 0.3 * rng.standard_normal(gl.shape) for gl in g]
     delta0 = [0.5 * rng.standard_normal(gl.shape) for gl in g]
     return net, params, x, g, Delta, delta0
@@ -151,7 +153,8 @@ def test_greedy_gamma_keeps_the_smallest_model_value():
     params, state, _ = opt.step(state, net, params, (x, y), rng)
     before = state
     new_params, state, info = opt.step(before, net, params, (x, y), np.random.default_rng(1))
-    _, g, _ = loss_and_decayed_gradient(net, params, x, y, 0.0, np.random.default_rng(1))
+    _, g, _ = loss_and_decayed_gradient(
+        net, params, x, y, 0.0, BatchShard.of(None, len(y), np.random.default_rng(1)))
     tape = net.forward(params, x)
     jd0 = output_jvp(net, params, tape, expand(net, before.delta))
     floor = math.sqrt(before.lam)
@@ -176,7 +179,8 @@ def test_exact_damping_equals_dense_solve(to_xp, convention):
     opt = KFAC(damping_convention=convention)
     rng = np.random.default_rng(0)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
-    _, g, _ = loss_and_decayed_gradient(net, params, x, y, 0.0, rng)
+    _, g, _ = loss_and_decayed_gradient(net, params, x, y, 0.0,
+                                        BatchShard.of(None, len(y), rng))
     gamma = 0.3
     Delta = opt.natural_direction(state, g, gamma)
     d = gamma**2 if convention == "sqrt" else gamma

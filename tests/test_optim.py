@@ -26,10 +26,12 @@ from kfc_ref.curvature.factors import (
     KroneckerFactors, moving_average, moving_average_decay, network_factors,
 )
 from kfc_ref.curvature.fvp import fisher_quadratic
+from kfc_ref.nn.keyed_random import ExampleRandom
 from kfc_ref.nn.losses import cross_entropy
 from kfc_ref.nn.models import small_convnet, tiny_convnet
 from kfc_ref.optim import SGD, KFCPre, info_to_host, make_optimizer
 from kfc_ref.optim.base import compact, expand, state_from_numpy, state_to_numpy, subset_indices
+from kfc_ref.optim.data_parallel import KEY_BOUND, STATISTICS_STREAM, TARGETS_STREAM
 from kfc_ref.optim.kronecker import average_in, estimate_factors
 from kfc_ref.optim.state import SGDState
 from kfc_ref.validate import ArgumentError
@@ -109,8 +111,10 @@ def test_initial_factors_are_the_mean_of_batch_estimates():
     opt = KFCPre(lr=0.1)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x[:4], x[4:]],
                                    np.random.default_rng(7))
-    rng = np.random.default_rng(7)
-    ests = [net.sampled_records(params, xb, rng) for xb in (x[:4], x[4:])]
+    rng = np.random.default_rng(7)      # each batch: a key, then targets keyed by example
+    ests = [net.sampled_records(params, xb, ExampleRandom(rng.integers(KEY_BOUND),
+                                                          TARGETS_STREAM, np.arange(4)))
+            for xb in (x[:4], x[4:])]
     fa, fb = network_factors(ests[0]), network_factors(ests[1])
     for f, a, b in zip(state.factors, fa, fb):
         np.testing.assert_allclose(f.Omega, (a.Omega + b.Omega) / 2, rtol=1e-14)
@@ -122,9 +126,11 @@ def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
     net, params, x, _ = tiny_problem(8, n=12)
     got = estimate_factors(net, params, x, np.random.default_rng(5), fraction=0.5)
     rng = np.random.default_rng(5)
+    key = rng.integers(KEY_BOUND)               # the step's key, then the subset's rows
     idx = subset_indices(12, 0.5, rng)
     assert len(idx) == 6 and len(set(idx.tolist())) == 6
-    want = network_factors(net.sampled_records(params, x[idx], rng))
+    keyed = ExampleRandom(key, STATISTICS_STREAM, idx)    # rows keyed by their batch index
+    want = network_factors(net.sampled_records(params, x[idx], keyed))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.Omega, w.Omega)
         np.testing.assert_array_equal(g.Gamma, w.Gamma)

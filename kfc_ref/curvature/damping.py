@@ -63,7 +63,7 @@ def check_finite(named_arrays, when: str) -> None:
         "from the last good checkpoint with a smaller lr or a larger damping")
 
 
-def _factor_pairs(factors):
+def factor_pairs(factors):
     """(name, array) pairs of a list of KroneckerFactors-like objects, for check_finite."""
     return [pair for l, f in enumerate(factors)
             for pair in ((f"layer {l} Omega", f.Omega), (f"layer {l} Gamma", f.Gamma))]
@@ -129,7 +129,7 @@ def factored_inverses(factors, damping: float, weight_decay: float = 0.0,
                       use_pi: bool = True) -> list[FactoredInverse]:
     """:func:`factored_inverse` of every layer's KroneckerFactors, with one finiteness check
     (one host read) for all layers."""
-    check_finite(_factor_pairs(factors), "before inversion")
+    check_finite(factor_pairs(factors), "before inversion")
     return [factored_inverse(f.Omega, f.Gamma, damping, weight_decay, use_pi, check=False)
             for f in factors]
 
@@ -179,7 +179,7 @@ def eigen_factors(Omega, Gamma, *, check: bool = True) -> EigenFactors:
 def eigen_decompositions(factors) -> list[EigenFactors]:
     """:func:`eigen_factors` of every layer's KroneckerFactors, with one finiteness check of
     all factors before and one of all decompositions after (two host reads in all)."""
-    check_finite(_factor_pairs(factors), "before the eigendecomposition")
+    check_finite(factor_pairs(factors), "before the eigendecomposition")
     eigs = [eigen_factors(f.Omega, f.Gamma, check=False) for f in factors]
     check_finite(_eigen_pairs(eigs), "after the eigendecomposition")
     return eigs

@@ -40,7 +40,9 @@ import math
 import numpy as _host_np  # host-side subset indices and info conversion only
 
 from kfc_ref.backend import get_xp, to_numpy
+from kfc_ref.comm import LocalComm
 from kfc_ref.nn.losses import check_labels, softmax_cross_entropy
+from kfc_ref.optim.data_parallel import GRADIENT_STREAM, BatchShard
 from kfc_ref.optim.state import OptimizerState, state_from_numpy, state_to_numpy  # noqa: F401
 from kfc_ref.validate import (  # noqa: F401  (re-exported for the optimizers)
     ArgumentError, check_bool, check_choice, check_fraction, check_generator, check_int,
@@ -143,18 +145,24 @@ def check_batch(net, batch):
     return x, y
 
 
-def loss_and_decayed_gradient(net, params, x, y, weight_decay: float, rng):
-    """Mean cross-entropy (a 0-d device array), compact gradient of
-    h = loss + (lambda/2)||theta||^2, and the tape.
+def loss_and_decayed_gradient(net, params, x, y, weight_decay: float, shard: BatchShard):
+    """Mean cross-entropy over the global mini-batch (a 0-d device array), compact gradient of
+    h = loss + (lambda/2)||theta||^2, and the tape of this rank's rows.
 
-    The forward pass runs in training mode (dropout masks from ``rng``) and skips the network's
-    per-call finiteness check of x, a host read (``check_batch`` checked the shapes).
+    Each rank runs the forward pass (training mode: dropout masks keyed by example, stream
+    GRADIENT_STREAM) and the backward pass on its rows of (x, y); the loss and the gradients
+    are summed over the ranks in one message (tag "gradients", see
+    :mod:`kfc_ref.optim.data_parallel`).  The forward pass skips the network's per-call
+    finiteness check of x, a host read (``check_batch`` checked the shapes).
     """
-    tape = net.forward(params, x, train=True, rng=rng, check=False)
-    loss, dlogits = softmax_cross_entropy(tape.output, y)
+    xl, yl = shard.local(x), shard.local(y)
+    tape = net.forward(params, xl, train=True, rng=shard.random(GRADIENT_STREAM), check=False)
+    loss, dlogits = softmax_cross_entropy(tape.output, yl)
     grads, _ = net.backward(params, tape, dlogits)
-    g = [grads[i] + weight_decay * params[i] if weight_decay else grads[i]
-         for i in net.param_layers]
+    loss, *g = shard.sum_of_means([loss] + [grads[i] for i in net.param_layers],
+                                  shard.hi - shard.lo, shard.n, "gradients")
+    if weight_decay:
+        g = [gl + weight_decay * params[i] for gl, i in zip(g, net.param_layers)]
     return loss, g, tape
 
 
@@ -164,7 +172,8 @@ class Optimizer:
 
     Subclasses set ``state_type`` (their dataclass) and implement
     ``_init_extra(net, params) -> dict`` (the extra fields of a fresh state) and
-    ``_update(state, net, params, x, y, rng) -> (new compact params, state, info)``, where
+    ``_update(state, net, params, x, y, rng, shard) -> (new compact params, state, info)``
+    (``shard``: this rank's :class:`~kfc_ref.optim.data_parallel.BatchShard`), where
     ``state`` is already a copy they may assign fields of; the base class advances the
     iteration counter ``k`` and the average ``theta_bar``.
     """
@@ -173,6 +182,8 @@ class Optimizer:
     state_type = OptimizerState
     #: Mini-batches for :meth:`initialize_factors` before the first step (0: none).
     factor_init_batches = 0
+    #: Whether :meth:`set_communicator` accepts more than one rank.
+    data_parallel = True
 
     def __init__(self, *, weight_decay: float = 0.0, averaging_tau: float | None = None,
                  averaging_examples: float = AVERAGING_EXAMPLES):
@@ -180,6 +191,23 @@ class Optimizer:
         self.averaging_tau = (None if averaging_tau is None else
                               check_positive("averaging_tau", averaging_tau, allow_zero=True))
         self.averaging_examples = check_positive("averaging_examples", averaging_examples)
+        self._comm = LocalComm()
+
+    @property
+    def comm(self):
+        """The communicator of the data-parallel ranks (:class:`~kfc_ref.comm.LocalComm`: one
+        process)."""
+        return self._comm
+
+    def set_communicator(self, comm):
+        """Run data-parallel over ``comm``'s ranks (a :class:`~kfc_ref.comm.MPIComm`): every
+        rank calls :meth:`step` with the same global mini-batch and works on its share
+        (:mod:`kfc_ref.optim.data_parallel`).  Returns ``self``."""
+        if comm.size > 1 and not self.data_parallel:
+            raise ArgumentError(f"optimizer {self.name!r} has no data-parallel version here; "
+                                "use sgd or kfc-pre with --distributed")
+        self._comm = comm
+        return self
 
     def hyperparameters(self) -> dict:
         """The constructor arguments, so that ``make_optimizer(opt.name,
@@ -205,14 +233,19 @@ class Optimizer:
                                 "state_from_numpy)")
 
     def step(self, state, net, params, batch, rng):
-        """One iteration on ``batch = (x, y)``; returns (params, new state, info)."""
+        """One iteration on the global mini-batch ``batch = (x, y)``; returns (params, new
+        state, info).  Parameter averaging runs on rank 0 only (the others keep theta^(0) as
+        theta_bar: evaluation and checkpoints are rank 0's)."""
         x, y = check_batch(net, batch)
         check_generator("rng", rng)
         self._check_state(state)
         state = dataclasses.replace(state, k=state.k + 1)
-        new_ws, state, info = self._update(state, net, params, x, y, rng)
-        xi = self.averaging_decay(x.shape[0])
-        state.theta_bar = [xi * tb + (1.0 - xi) * w for tb, w in zip(state.theta_bar, new_ws)]
+        shard = BatchShard.of(self.comm, x.shape[0], rng)
+        new_ws, state, info = self._update(state, net, params, x, y, rng, shard)
+        if self.comm.rank == 0:
+            xi = self.averaging_decay(x.shape[0])
+            state.theta_bar = [xi * tb + (1.0 - xi) * w
+                               for tb, w in zip(state.theta_bar, new_ws)]
         info = {"k": state.k, **info}
         return expand(net, new_ws), state, info
 
@@ -228,7 +261,7 @@ class Optimizer:
     def _init_extra(self, net, params) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update(self, state, net, params, x, y, rng):  # pragma: no cover - abstract
+    def _update(self, state, net, params, x, y, rng, shard):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self):

@@ -44,7 +44,6 @@ finiteness checks of the factors before and of the decompositions after).  Budge
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as _host_np  # host-side 2 x 2 solves only
@@ -58,6 +57,7 @@ from kfc_ref.optim.base import (
     check_positive, compact, expand, inner, inner_products, loss_and_decayed_gradient,
     subset_indices, take,
 )
+from kfc_ref.optim.data_parallel import GRADIENT_STREAM
 from kfc_ref.optim.kronecker import EMA_MAX_DECAY, KroneckerOptimizerMixin
 from kfc_ref.optim.state import KFACState
 
@@ -168,6 +168,8 @@ class KFAC(KroneckerOptimizerMixin, Optimizer):
     """
 
     name = "kfac"
+    #: K-FAC's quadratic-model step choice and rho are not split over ranks here.
+    data_parallel = False
     state_type = KFACState
 
     def __init__(self, initial_lambda: float = INITIAL_LAMBDA, damping: float | None = None,
@@ -261,13 +263,12 @@ class KFAC(KroneckerOptimizerMixin, Optimizer):
         return best
 
     # ------------------------------------------------------------------ the iteration
-    def _update(self, state, net, params, x, y, rng):
+    def _update(self, state, net, params, x, y, rng, shard):
         k = state.k
-        rho_rng = copy.deepcopy(rng) if k % self.lm_period == 0 else None  # same dropout masks
-        loss, g, tape = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, rng)
+        loss, g, tape = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, shard)
         ws = compact(net, params)
         if state.factors is None or k % self.stats_period == 0:
-            self._refresh_factors(state, net, params, x, rng, tape=tape)
+            self._refresh_factors(state, net, params, x, rng, shard, tape=tape)
         del tape
         inverses_updated = state.inverses is None or k % self.inverse_period == 0 or k <= 3
         if inverses_updated:
@@ -277,8 +278,9 @@ class KFAC(KroneckerOptimizerMixin, Optimizer):
         new_ws = [w + dl for w, dl in zip(ws, delta)]
 
         rho = None
-        if rho_rng is not None and change < 0:
-            tape1 = net.forward(expand(net, new_ws), x, train=True, rng=rho_rng, check=False)
+        if k % self.lm_period == 0 and change < 0:      # the gradient pass's dropout masks:
+            tape1 = net.forward(expand(net, new_ws), x, train=True,
+                                rng=shard.random(GRADIENT_STREAM), check=False)
             loss1, _ = softmax_cross_entropy(tape1.output, y)
             rise = self.objective(loss1, new_ws) - self.objective(loss, ws)
             rho = float(rise) / change                        # the rho host read

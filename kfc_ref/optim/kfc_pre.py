@@ -53,8 +53,11 @@ time stays below 2x SGD; the paper does not report its values) are the named con
 from __future__ import annotations
 
 from kfc_ref.backend import get_xp
-from kfc_ref.curvature.damping import factored_inverses
+from kfc_ref.curvature.damping import (
+    FactoredInverse, check_finite, factor_pairs, factored_inverse,
+)
 from kfc_ref.curvature.fvp import fisher_quadratic
+from kfc_ref.optim.data_parallel import BatchShard, round_robin
 from kfc_ref.optim.kronecker import EMA_MAX_DECAY, KroneckerOptimizerMixin
 from kfc_ref.optim.base import (
     DEFAULT_MOMENTUM, Optimizer, check_bool, check_choice, check_fraction, check_int,
@@ -139,27 +142,49 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
         return {"velocity": [get_xp(w).zeros_like(w) for w in compact(net, params)]}
 
     def _refresh_inverses(self, state):
-        state.inverses = factored_inverses(state.factors, self.damping, self.weight_decay,
-                                           self.use_pi)
+        """Eq. 21's damped inverses of every layer (as ``curvature.damping.factored_inverses``);
+        with P ranks, layer l is inverted on rank l mod P and broadcast (tag "inverses"), after
+        the same finiteness check on all.  One process counts the payload it would send."""
+        factors = state.factors
+        check_finite(factor_pairs(factors), "before inversion")
+
+        def invert(layer):
+            f = factors[layer]
+            inv = factored_inverse(f.Omega, f.Gamma, self.damping, self.weight_decay,
+                                   self.use_pi, check=False)
+            return [inv.Omega_inv, inv.Gamma_inv, inv.pi]
+
+        def shapes(layer):
+            f = factors[layer]
+            return [f.Omega, f.Gamma, get_xp(f.Omega).zeros((), dtype=f.Omega.dtype)]
+        state.inverses = [FactoredInverse(*arrays) for arrays in
+                          round_robin(len(factors), self.comm, invert, shapes, "inverses")]
 
     def preconditioned_gradient(self, state, grads) -> list:
         """Eq. 22 with the stored damped inverses: Gamma_d^-1 G_l Omega_d^-1 per layer."""
         return [inv.apply(g) for g, inv in zip(grads, state.inverses)]
 
-    def update_norm(self, net, params, x, v, rng):
-        """nu = v^T F v + lambda v^T v with the exact F on a random ``nu_fraction`` of x
-        (its own forward pass, in evaluation mode: no dropout), as a 0-d device array."""
-        sub = take(x, subset_indices(x.shape[0], self.nu_fraction, rng))
-        tape = net.forward(params, sub, check=False)
-        nu = fisher_quadratic(net, params, None, expand(net, v), tape=tape)
+    def update_norm(self, net, params, x, v, rng, shard: BatchShard | None = None):
+        """nu = v^T F v + lambda v^T v with the exact F on a random ``nu_fraction`` of the
+        global mini-batch x (its own forward pass, in evaluation mode: no dropout), as a 0-d
+        device array; each rank on its part of the subset, summed over ranks (tag "nu")."""
+        shard = BatchShard.of(self.comm, x.shape[0], rng) if shard is None else shard
+        idx = subset_indices(shard.n, self.nu_fraction, rng)
+        positions, rows = shard.part_of(idx)
+        if len(rows):
+            tape = net.forward(params, take(shard.local(x), positions), check=False)
+            nu = fisher_quadratic(net, params, None, expand(net, v), tape=tape)
+        else:                                         # none of the subset is mine
+            nu = get_xp(*v).zeros((), dtype=v[0].dtype)
+        (nu,) = shard.sum_of_means([nu], len(rows), shard.n if idx is None else len(idx), "nu")
         return nu + self.weight_decay * inner(v, v) if self.weight_decay else nu
 
-    def _update(self, state, net, params, x, y, rng):
+    def _update(self, state, net, params, x, y, rng, shard):
         k = state.k
-        loss, g, tape = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, rng)
+        loss, g, tape = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, shard)
         stats_updated = state.factors is None or k % self.stats_period == 0
         if stats_updated:
-            self._refresh_factors(state, net, params, x, rng, tape=tape)
+            self._refresh_factors(state, net, params, x, rng, shard, tape=tape)
         del tape
         inverses_updated = state.inverses is None or k % self.inverse_period == 0
         if inverses_updated:
@@ -171,7 +196,7 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
         if self.clip is not None:
             # Clipping decided on the device: v <- v sqrt(C / max(nu, C)), i.e. v sqrt(C / nu)
             # when nu > C and v itself (a factor of exactly 1) otherwise.
-            nu = self.update_norm(net, params, x, v, rng)
+            nu = self.update_norm(net, params, x, v, rng, shard)
             xp = get_xp(nu)
             scale = xp.sqrt(self.clip / xp.maximum(nu, self.clip))
             v = [scale * vl for vl in v]

@@ -30,8 +30,8 @@ class SGD(Optimizer):
     def _init_extra(self, net, params):
         return {"velocity": [get_xp(w).zeros_like(w) for w in compact(net, params)]}
 
-    def _update(self, state, net, params, x, y, rng):
-        loss, g, _ = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, rng)
+    def _update(self, state, net, params, x, y, rng, shard):
+        loss, g, _ = loss_and_decayed_gradient(net, params, x, y, self.weight_decay, shard)
         state.velocity = [self.momentum * p - self.lr * gl for p, gl in zip(state.velocity, g)]
         new_ws = [w + p for w, p in zip(compact(net, params), state.velocity)]
         return new_ws, state, {"loss": loss}
