@@ -66,7 +66,8 @@ TRAIN_PER_EVAL_EXAMPLE = 8
 #: Settings that may change on ``--resume`` (the change is recorded in ``config.json``).
 #: Test images on which ``--sud-every`` records the SUD summary (fixed across the run).
 SUD_EXAMPLES = 256
-RESUMABLE = ("iters", "epochs", "eval_every", "time_limit", "device", "data_dir", "sud_every")
+RESUMABLE = ("iters", "epochs", "eval_every", "time_limit", "device", "data_dir", "sud_every",
+             "distributed")
 #: TrainConfig fields that say where and how to show a run, not what it computes.
 NOT_RECORDED = ("out", "quiet")
 #: The keys of ``config.json`` next to the settings.
@@ -101,6 +102,7 @@ class TrainConfig:
     zca: bool = False
     time_limit: float | None = None
     sud_every: int = 0
+    distributed: bool = False
     quiet: bool = False
     optimizer_options: dict = field(default_factory=dict)
 
@@ -127,6 +129,11 @@ class TrainConfig:
                 setattr(self, name, check_positive(name, getattr(self, name)))
         self.weight_decay = check_positive("weight_decay", self.weight_decay, allow_zero=True)
         self.zca, self.quiet = check_bool("zca", self.zca), check_bool("quiet", self.quiet)
+        self.distributed = check_bool("distributed", self.distributed)
+        if self.distributed and self.optimizer == "kfac":
+            raise ArgumentError("distributed=True is not allowed with optimizer='kfac' (its "
+                                "step-size choice is not data-parallel here); use sgd or "
+                                "kfc-pre")
         if not isinstance(self.optimizer_options, dict):
             raise ArgumentError(f"optimizer_options={self.optimizer_options!r} is not allowed; "
                                 "expected a dict")
@@ -331,6 +338,11 @@ def build_train_parser() -> CommandParser:
                    help="every K-th evaluation, append the per-layer SUD summary (App. D.1) of "
                         f"the first {SUD_EXAMPLES} evaluation test images to "
                         "RUN_DIR/sud_history.jsonl; `sud RUN_DIR` plots it (default 0: never)")
+    p.add_argument("--distributed", action="store_true", default=None,
+                   help="data-parallel over the MPI ranks this command was started with "
+                        "(mpiexec -n P python -m kfc_ref train --distributed ...; sgd and "
+                        "kfc-pre; needs requirements-mpi.txt): each rank takes 1/P of every "
+                        "mini-batch; rank 0 evaluates and writes the run directory")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress output")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="run directory to create")

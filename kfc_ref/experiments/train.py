@@ -23,6 +23,13 @@ logged once).  A NaN or exploding loss stops the run and keeps the last good che
 Ctrl-C or SIGTERM stops after the current iteration with log and checkpoint consistent (a
 second one stops at once; the last checkpoint is intact).  With ``--device gpu`` the training
 set is uploaded once and mini-batches are gathered on the device.
+
+``--distributed`` (under ``mpiexec -n P``) trains data-parallel (Section 5.3;
+:mod:`kfc_ref.optim.data_parallel`): every rank builds the same data stream and replica, works
+on its 1/P of each mini-batch and sums gradients and statistics with the others; rank 0 alone
+evaluates, logs, checkpoints and owns the run directory (the others only read it, on
+``--resume``); stop decisions (time limit, Ctrl-C) are rank 0's, sent to all.  P ranks give the
+parameters of one process to round-off.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import numpy as np
 
 from kfc_ref.curvature.damping import NonFiniteCurvatureError
 from kfc_ref.backend import namespace_for, to_numpy
+from kfc_ref.comm import LocalComm, MPIComm
 from kfc_ref.data import DeviceBatches, MinibatchStream, load_dataset, preprocess
 from kfc_ref.experiments.checkpoint import (CHECKPOINT_NAME, CheckpointError, FileWriteError,
                                             load_checkpoint, save_checkpoint)
@@ -87,6 +95,7 @@ class TrainResult:
     params: list
     dataset: object
     status: str
+    rank: int = 0              # the data-parallel rank that returned it (0 logs and writes)
 
 
 @dataclass
@@ -101,6 +110,12 @@ class Setup:
     opt: object
     eval_sets: dict            # 'train' / 'test' -> (x, y) device arrays
     data_sizes: dict
+    comm: object = dataclasses.field(default_factory=LocalComm)   # the data-parallel ranks
+
+    @property
+    def root(self) -> bool:
+        """Whether this process evaluates and writes (rank 0; the only one without MPI)."""
+        return self.comm.rank == 0
 
 
 @dataclass
@@ -142,23 +157,33 @@ def evaluate(net, params, x, y, batch_size: int = 1000) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- setting up
-def set_up(cfg: TrainConfig) -> Setup:
-    """Load the data, build net, stream and optimizer; resolve the config's defaults."""
+def open_communicator(cfg: TrainConfig):
+    """The ranks of this run: an :class:`~kfc_ref.comm.MPIComm` with ``cfg.distributed``
+    (which also picks each rank's GPU), else one process."""
+    return MPIComm(device=cfg.device) if cfg.distributed else LocalComm()
+
+
+def set_up(cfg: TrainConfig, comm=None) -> Setup:
+    """Load the data, build net, stream and optimizer (data-parallel over ``comm``); resolve
+    the config's defaults."""
+    comm = LocalComm() if comm is None else comm
     xp = namespace_for(cfg.device)
     data = preprocess(load_dataset(cfg.data, cfg.data_dir, seed=cfg.seed,
                                    max_train=cfg.max_train, max_test=cfg.max_test), zca=cfg.zca)
     net = build_model(cfg.arch or DEFAULT_ARCH[cfg.data], data.image_shape, data.num_classes)
     stream = MinibatchStream(data.x_train, data.y_train, cfg.batch_size, seed=cfg.seed)
-    opt = build_optimizer(cfg, stream.steps_per_epoch)
+    opt = build_optimizer(cfg, stream.steps_per_epoch).set_communicator(comm)
     n = cfg.eval_examples or None
-    eval_sets = {split: (xp.asarray(getattr(data, f"x_{split}")[:n]),
+    # Inputs in the run's dtype, so a float64 run computes in float64 from the first layer on.
+    eval_sets = {split: (xp.asarray(getattr(data, f"x_{split}")[:n].astype(cfg.dtype,
+                                                                          copy=False)),
                          xp.asarray(getattr(data, f"y_{split}")[:n]))
                  for split in ("train", "test")}
     sizes = {"train": len(data.y_train), "test": len(data.y_test),
              "eval_train": len(eval_sets["train"][1]), "eval_test": len(eval_sets["test"][1])}
     cfg = resolve(cfg, stream.steps_per_epoch, sizes["eval_train"] + sizes["eval_test"], opt)
-    return Setup(cfg, data, net, stream, DeviceBatches(data.x_train, data.y_train, xp), opt,
-                 eval_sets, sizes)
+    batches = DeviceBatches(data.x_train.astype(cfg.dtype, copy=False), data.y_train, xp)
+    return Setup(cfg, data, net, stream, batches, opt, eval_sets, sizes, comm)
 
 
 def fresh_state(setup: Setup) -> RunState:
@@ -313,10 +338,14 @@ def _save(setup: Setup, run: RunState, run_dir: str) -> None:
 def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progress) -> str:
     cfg, total = setup.cfg, setup.cfg.iters
     ckpt = os.path.join(run_dir, CHECKPOINT_NAME)
+    comm = setup.comm
     while True:
         timed_out = cfg.time_limit is not None and run.elapsed >= cfg.time_limit
+        signum = stop.signum
+        if comm.size > 1:                # rank 0's clock and signals decide for all ranks
+            timed_out, signum = comm.agree((timed_out, signum))
         due = run.k > 0 and (run.k % cfg.eval_every == 0 or run.k >= total or timed_out)
-        if due and (not run.rows or run.rows[-1]["iteration"] != run.k):
+        if due and setup.root and (not run.rows or run.rows[-1]["iteration"] != run.k):
             _check_loss(run, ckpt)
             row = _evaluate(setup, run)
             if not math.isfinite(row["train_loss"]):
@@ -332,8 +361,8 @@ def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progres
                             run.rows[-1]["test_error"], force=True)
         if timed_out or run.k >= total:
             return "time_limit" if timed_out and run.k < total else "finished"
-        if stop.signum is not None:
-            raise RunInterrupted(stop.signum)
+        if signum is not None:
+            raise RunInterrupted(signum)
         _step(setup, run)
         if isinstance(run.info.get("loss"), float) or progress.wants_loss(run.k):
             _check_loss(run, ckpt)                   # host floats: every step, for free
@@ -341,25 +370,43 @@ def _run_loop(setup: Setup, run: RunState, run_dir: str, stop, progress: Progres
                         lambda: host_value(run.info["loss"]))
 
 
-def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[Setup, RunState]:
+def _root_only(comm, work):
+    """``work()`` on rank 0; its error (if any) raised on every rank, so none waits forever."""
+    error = None
+    if comm.rank == 0:
+        try:
+            work()
+        except Exception as exc:           # sent to the other ranks, then raised here
+            error = exc
+    message = comm.agree(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 stopped the run: {message}")
+
+
+def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool,
+              comm=None) -> tuple[Setup, RunState]:
     """Validate, set up and either start the run directory or restore its checkpoint.  Nothing
-    in the directory changes before the arguments and the data are checked."""
+    in the directory changes before the arguments and the data are checked; only rank 0
+    writes (the other data-parallel ranks read the record and the checkpoint)."""
+    comm = LocalComm() if comm is None else comm
     cfg = dataclasses.replace(cfg).validate()
     run_dir = os.fspath(cfg.out)
+    changed = record = None
     if resume:
         record = read_run_record(run_dir)
         cfg, changed = reconcile(record, cfg, run_dir)
     else:
-        check_new_output(run_dir, overwrite=overwrite)
-    setup = set_up(cfg)
+        _root_only(comm, lambda: check_new_output(run_dir, overwrite=overwrite))
+    setup = set_up(cfg, comm)
     ckpt, metrics = (os.path.join(run_dir, name) for name in (CHECKPOINT_NAME, METRICS_NAME))
     if not resume:
-        make_output(run_dir, overwrite=overwrite, owned=RUN_FILES)
-        write_run_record(run_dir, new_run_record(setup.cfg, setup.opt, setup.data_sizes))
+        def start():
+            make_output(run_dir, overwrite=overwrite, owned=RUN_FILES)
+            write_run_record(run_dir, new_run_record(setup.cfg, setup.opt, setup.data_sizes))
+        _root_only(comm, start)
         return setup, fresh_state(setup)
-    for name in os.listdir(run_dir):                 # half-written files of a killed run
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(run_dir, name))
     if os.path.exists(ckpt):
         run = load_run_state(ckpt, setup)
     elif os.path.exists(metrics):
@@ -367,20 +414,27 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[Setup, R
                                 "restore the checkpoint or start a new run")
     else:                                            # stopped before its first checkpoint
         run = fresh_state(setup)
-    if changed:
-        record["resumes"].append({"at_iteration": run.k, "changed": changed})
-        record.update(settings_of(setup.cfg))
-        write_run_record(run_dir, record)
-    write_metrics(metrics, run.rows)                 # the log matches the checkpoint
+
+    def tidy():
+        for name in os.listdir(run_dir):             # half-written files of a killed run
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(run_dir, name))
+        if changed:
+            record["resumes"].append({"at_iteration": run.k, "changed": changed})
+            record.update(settings_of(setup.cfg))
+            write_run_record(run_dir, record)
+        write_metrics(metrics, run.rows)             # the log matches the checkpoint
+    _root_only(comm, tidy)
     return setup, run
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or, with ``resume=True``, continue) the training described by ``cfg`` in the run
     directory ``cfg.out`` (module doc).  ``overwrite`` reuses a non-empty directory."""
-    setup, run = _open_run(cfg, resume, overwrite)
+    comm = open_communicator(dataclasses.replace(cfg).validate())
+    setup, run = _open_run(cfg, resume, overwrite, comm)
     run_dir = os.fspath(cfg.out)
-    progress = Progress(setup.cfg.iters, run.k, setup.cfg.quiet)
+    progress = Progress(setup.cfg.iters, run.k, setup.cfg.quiet or not setup.root)
     try:
         with _deferred_signals() as stop:
             status = _run_loop(setup, run, run_dir, stop, progress)
@@ -390,12 +444,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
         # A diverged state is never saved (TrainingStopped instead).
         progress.close()
         _check_loss(run, os.path.join(run_dir, CHECKPOINT_NAME))
-        _save(setup, run, run_dir)
+        if setup.root:
+            _save(setup, run, run_dir)
         raise
     finally:
         progress.close()
     return TrainResult(run_dir, run.rows, setup.net,
-                       setup.opt.averaged_params(setup.net, run.state), setup.data, status)
+                       setup.opt.averaged_params(setup.net, run.state), setup.data, status,
+                       setup.comm.rank)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -417,6 +473,8 @@ def main(argv=None) -> int:
         return 128 + signum
     except (ValueError, RuntimeError, OSError, ImportError) as exc:
         return fail(exc)
+    if result.rank != 0:
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     print(f"{result.status}: {len(result.metrics)} evaluations in {result.out_dir}; last: "
           + ", ".join(f"{k}={format_metric(last.get(k))}" for k in
