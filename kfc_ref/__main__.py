@@ -23,7 +23,11 @@ COMMANDS = {
     "tour": ("kfc_ref.experiments.tour",
              "one-command tour: checks, exact vs KFC, SUD, KFC-pre vs SGD"),
     "bench": ("kfc_ref.experiments.bench",
-              "benchmarks: conv, curvature, optim, speedup (ratios measured side by side)"),
+              "benchmarks: conv, curvature, optim, speedup, distributed (ratios measured side "
+              "by side)"),
+    "distributed-model": ("kfc_ref.experiments.distributed_model",
+                          "predicted time to target of data-parallel SGD and KFC-pre at P = "
+                          "1..256 workers (Section 5.3)"),
 }
 
 

@@ -1,11 +1,13 @@
-"""Benchmarks, one command: ``python -m kfc_ref bench {conv,curvature,optim,speedup}``.
+"""Benchmarks, one command: ``python -m kfc_ref bench {conv,curvature,optim,speedup,distributed}``.
 
 Each reports ratios measured side by side in one run (never timed assertions):
 
 * ``conv``: forward+backward GFLOP/s of the CIFAR-10 net against this machine's matmul rate;
 * ``curvature``: the KFC statistics against one gradient evaluation; exact-Fisher cost;
 * ``optim``: KFC-pre against SGD per iteration (App. B.3);
-* ``speedup``: updates and wall-clock to a target error, KFC-pre against SGD (Figs. 1-2).
+* ``speedup``: updates and wall-clock to a target error, KFC-pre against SGD (Figs. 1-2);
+* ``distributed``: per-iteration compute, bytes communicated and communication time of the
+  data-parallel optimizers (run it under ``mpiexec -n P``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ BENCHMARKS = {
     "optim": ("kfc_ref.experiments.bench.optim", "KFC-pre vs SGD per-iteration cost (App. B.3)"),
     "speedup": ("kfc_ref.experiments.bench.speedup",
                 "updates / wall-clock to a target error, KFC-pre vs SGD (Figs. 1-2)"),
+    "distributed": ("kfc_ref.experiments.bench.distributed",
+                    "data-parallel compute, bytes and communication time per iteration"),
 }
 
 

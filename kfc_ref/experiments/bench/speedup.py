@@ -42,13 +42,16 @@ def sweep_rate(base: TrainConfig, method: str, batch_size: int, rates, sweep_ite
 
 def iterations_to_target(base: TrainConfig, rates=(0.3, 0.1, 0.03, 0.01),
                          sweep_iters: int = 50, max_iters: int = 1000,
-                         target: float = 0.10) -> dict:
-    """Sweep each method's rate on ``sweep_iters`` updates, then train ``max_iters`` updates
-    at the best rate and count updates to ``target`` training error (averaged parameters)."""
+                         target: float = 0.10, lrs: dict | None = None) -> dict:
+    """Sweep each method's rate on ``sweep_iters`` updates (unless ``lrs`` gives it), then
+    train ``max_iters`` updates at that rate and count updates to ``target`` training error
+    (averaged parameters)."""
     out = {"target": target, "batch_size": base.batch_size, "methods": {}}
     runs = {}
     for method in ("sgd", "kfc-pre"):
-        best_lr, rows = sweep_rate(base, method, base.batch_size, rates, sweep_iters)
+        best_lr, rows = (lrs or {}).get(method), []
+        if best_lr is None:
+            best_lr, rows = sweep_rate(base, method, base.batch_size, rates, sweep_iters)
         cfg = dataclasses.replace(base, optimizer=method, lr=best_lr, iters=max_iters,
                                   epochs=None, out=os.path.join(base.out, method))
         result = train(cfg)
@@ -242,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--target", type=float, default=0.10)
-    p.add_argument("--lr-sgd", type=float, default=0.03,
-                   help="wallclock: SGD rate (a preset sweeps it instead)")
-    p.add_argument("--lr-kfc", type=float, default=0.03,
-                   help="wallclock: KFC-pre rate (a preset sweeps it instead)")
+    p.add_argument("--lr-sgd", type=float, default=None,
+                   help="iterations, wallclock: SGD rate (default: swept on --rates)")
+    p.add_argument("--lr-kfc", type=float, default=None,
+                   help="iterations, wallclock: KFC-pre rate (default: swept on --rates)")
     p.add_argument("--seconds", type=float, default=600.0, help="wallclock: budget per method")
     p.add_argument("--epochs", type=float, default=50.0, help="sud: SGD epochs per net")
     p.add_argument("--lr", type=float, default=None, help="sud: SGD rate (default: sweep)")
@@ -288,7 +291,8 @@ def main(argv=None) -> int:
     try:
         if args.what == "iterations":
             result = iterations_to_target(base, rates, args.sweep_iters, args.max_iters,
-                                          args.target)
+                                          args.target, {"sgd": args.lr_sgd,
+                                                        "kfc-pre": args.lr_kfc})
         elif args.what == "wallclock":
             result = wallclock_curves(base, args.lr_sgd, args.lr_kfc, args.seconds,
                                       rates=rates, sweep_iters=args.sweep_iters)
