@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from kfc_ref.backend import to_numpy
+from kfc_ref.backend import asarray_like, to_numpy
 from kfc_ref.curvature.damping import eigen_factors, factored_inverse
 from kfc_ref.data import MinibatchStream
 from kfc_ref.curvature.fisher import exact_layer_factors
@@ -196,7 +196,8 @@ def whitening(a) -> PointwiseAffine:
     M = flat.mean(axis=0)
     w, Q = np.linalg.eigh(np.atleast_2d(np.cov(flat.T, bias=True)))
     V = (Q / np.sqrt(w)) @ Q.T
-    return PointwiseAffine(np.eye(J), np.zeros(J), V, -M @ V)
+    parts = (np.eye(J), np.zeros(J), V, -M @ V)        # back in the activations' namespace
+    return PointwiseAffine(*[asarray_like(part, a) for part in parts])
 
 
 def whitening_reparameterization(net: Sequential, params, x) -> Reparameterization:
