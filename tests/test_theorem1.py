@@ -49,7 +49,7 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def _moved(to_xp, field):
+def field_on(to_xp, field):
     """The field with its filter and mean in the --xp module (its methods follow them)."""
     return StationaryGaussianField(to_xp(field.filt), to_xp(field.mean), field.grid)
 
@@ -57,7 +57,7 @@ def _moved(to_xp, field):
 def _fields(case, seed, noise_channels=2, filter_size=(2, 3), der_filter=(1, 1)):
     """Activations on the input grid (SH by construction); derivatives white across locations
     (SUD) on the output grid with a random cross-map covariance, unless der_filter > 1x1.
-    Host fields; tests move them with :func:`_moved`."""
+    Host fields; tests move them with :func:`field_on`."""
     rng = np.random.default_rng(seed)
     geom = ConvGeometry(case["kh"], case["kw"], case["stride"], case["padding"],
                         case["dilation"])
@@ -122,8 +122,8 @@ def test_beta_axis_examples_and_errors():
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 2), st.integers(0, 2**31 - 1))
 def test_field_is_spatially_homogeneous(to_xp, H, W, J, seed):
     """SH by construction: E[a_t a_t'^T] depends only on t' - t, E[a_t] = M for every t."""
-    field = _moved(to_xp, StationaryGaussianField.random(np.random.default_rng(seed), J, (H, W),
-                                                         2, (2, 2)))
+    field = field_on(to_xp, StationaryGaussianField.random(np.random.default_rng(seed), J,
+                                                            (H, W), 2, (2, 2)))
     b = to_numpy(field.basis())
     M = to_numpy(field.mean)
     for t in np.ndindex(H, W):
@@ -135,8 +135,8 @@ def test_field_is_spatially_homogeneous(to_xp, H, W, J, seed):
 
 
 def test_field_samples_have_the_stated_moments(to_xp):
-    field = _moved(to_xp, StationaryGaussianField.random(np.random.default_rng(0), 2, (3, 3), 1,
-                                                         (2, 2)))
+    field = field_on(to_xp, StationaryGaussianField.random(np.random.default_rng(0), 2, (3, 3),
+                                                            1, (2, 2)))
     x = field.sample(MC_SAMPLES, np.random.default_rng(1))
     geom = ConvGeometry(3, 3, 1, 1)
     full, M = empirical_autocovariance(x)
@@ -173,7 +173,7 @@ def test_theorem1_exact_under_iad_sh_sud(to_xp, case, seed, noise_channels):
     """Eqs. 16-19 and 47: E[vec(DW_bar) vec(DW_bar)^T] = Omega kron Gamma(0) exactly, for any
     stride, padding and dilation (beta in the general per-axis form of theorem1.beta_axis)."""
     geom, act, der = _fields(case, seed, noise_channels)
-    act, der = _moved(to_xp, act), _moved(to_xp, der)
+    act, der = field_on(to_xp, act), field_on(to_xp, der)
     exact = exact_gradient_second_moment(act, der, geom)
     assert _rel(theorem1_prediction(act, der, geom), exact) < THEOREM1_RTOL
 
@@ -185,7 +185,7 @@ def test_theorem1_same_padding_bias_entries(to_xp, H, W, R, seed):
     case = dict(j=2, i=2, h=H, w=W, kh=2 * R + 1, kw=2 * R + 1, stride=1, padding=R,
                 dilation=1)
     geom, host_act, der = _fields(case, seed)
-    act, der = _moved(to_xp, host_act), _moved(to_xp, der)
+    act, der = field_on(to_xp, host_act), field_on(to_xp, der)
     exact = to_numpy(exact_gradient_second_moment(act, der, geom))
     gamma0 = to_numpy(der.second_moment((0, 0)))
     I = gamma0.shape[0]
@@ -210,7 +210,7 @@ def test_theorem1_fails_when_derivatives_are_spatially_correlated(to_xp, case):
     geom, act, der = _fields(case, 0)
     der.filt = np.abs(der.filt) + 0.5                       # strong positive neighbours
     der.filt = np.repeat(np.repeat(der.filt, 3, axis=2), 3, axis=3)
-    act, der = _moved(to_xp, act), _moved(to_xp, der)
+    act, der = field_on(to_xp, act), field_on(to_xp, der)
     exact = exact_gradient_second_moment(act, der, geom)
     assert _rel(theorem1_prediction(act, der, geom), exact) > BROKEN_MIN_REL_ERROR
 
@@ -223,9 +223,9 @@ def test_theorem1_fails_when_activations_and_derivatives_are_dependent(to_xp, ca
     the scales are shared, so A and DS are dependent.  The marginal statistics are still SH and
     SUD; Omega kron Gamma of the marginals must miss."""
     geom, act, der = _fields(case, 1)
-    comps = [(_moved(to_xp, StationaryGaussianField(act.filt * (1 + s), act.mean * (1 + s),
-                                                    act.grid)),
-              _moved(to_xp, StationaryGaussianField(der.filt * (1 + 2 * s), der.mean, der.grid)))
+    comps = [(field_on(to_xp, StationaryGaussianField(act.filt * (1 + s), act.mean * (1 + s),
+                                                       act.grid)),
+              field_on(to_xp, StationaryGaussianField(der.filt * (1 + 2 * s), der.mean, der.grid)))
              for s in (0, 1)]
     exact = sum(exact_gradient_second_moment(a, d, geom) for a, d in comps) / 2
     Omega = sum(omega_from_autocovariance(a.autocovariance(geom), a.mean, geom, *a.grid)
@@ -245,7 +245,7 @@ def test_exact_second_moment_matches_monte_carlo(to_xp, der_filter):
     case = dict(j=1, i=2, h=3, w=3, kh=3, kw=3, stride=1, padding=1, dilation=1)
     geom, act, der = _fields(case, 4, noise_channels=1, filter_size=(2, 2),
                              der_filter=der_filter)
-    act, der = _moved(to_xp, act), _moved(to_xp, der)
+    act, der = field_on(to_xp, act), field_on(to_xp, der)
     rng = np.random.default_rng(5)
     A_H = expand_homogeneous(im2col(act.sample(MC_SAMPLES, rng), geom))
     DS = Conv2d.derivatives(der.sample(MC_SAMPLES, rng))
