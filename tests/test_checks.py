@@ -20,8 +20,8 @@ def run_json(capsys, *args):
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_all_checks_pass_at_seed_0_float64(capsys):
-    code, results = run_json(capsys, "--seed", "0")
+def test_all_checks_pass_at_seed_0_float64(capsys, device):
+    code, results = run_json(capsys, "--seed", "0", "--device", device)
     assert code == 0, [r for r in results if not r["passed"]]
     assert [r["name"] for r in results] == list(checks.REGISTRY)
     expected = {"damping.pi_argmin", "damping.factored_solve", "damping.exact_solve",
@@ -37,13 +37,14 @@ def test_all_checks_pass_at_seed_0_float64(capsys):
     assert expected <= set(checks.REGISTRY)
 
 
-def test_all_checks_pass_in_float32(capsys):
-    code, results = run_json(capsys, "--seed", "1", "--dtype", "float32")
+def test_all_checks_pass_in_float32(capsys, device):
+    code, results = run_json(capsys, "--seed", "1", "--dtype", "float32", "--device", device)
     assert code == 0, [r for r in results if not r["passed"]]
 
 
-def test_json_schema(capsys):
-    code, results = run_json(capsys, "--only", *QUICK)
+def test_json_schema(capsys, device):
+    """On a device too: errors are Python floats read back, not device scalars."""
+    code, results = run_json(capsys, "--only", *QUICK, "--device", device)
     assert code == 0 and len(results) == len(QUICK)
     for r in results:
         assert {"name", "error", "tolerance", "passed", "expect", "detail"} <= set(r)
@@ -54,22 +55,22 @@ def test_json_schema(capsys):
                                else (r["error"] >= r["tolerance"]))
 
 
-def test_same_seed_same_cases_other_seed_other_cases(capsys):
-    _, a = run_json(capsys, "--only", *QUICK, "--seed", "3")
-    _, b = run_json(capsys, "--only", *QUICK, "--seed", "3")
-    _, c = run_json(capsys, "--only", *QUICK, "--seed", "4")
+def test_same_seed_same_cases_other_seed_other_cases(capsys, device):
+    _, a = run_json(capsys, "--only", *QUICK, "--seed", "3", "--device", device)
+    _, b = run_json(capsys, "--only", *QUICK, "--seed", "3", "--device", device)
+    _, c = run_json(capsys, "--only", *QUICK, "--seed", "4", "--device", device)
     assert [r["error"] for r in a] == [r["error"] for r in b]
     assert [r["error"] for r in a] != [r["error"] for r in c]
 
 
-def test_table_output(capsys):
-    assert checks.main(["--only", *QUICK]) == 0
+def test_table_output(capsys, device):
+    assert checks.main(["--only", *QUICK, "--device", device]) == 0
     out = capsys.readouterr().out
     assert "check" in out and "tolerance" in out and "3/3 checks passed" in out
     assert ">=" in out and "<=" in out
 
 
-def test_a_broken_check_makes_the_exit_code_1(capsys, monkeypatch):
+def test_a_broken_check_makes_the_exit_code_1(capsys, monkeypatch, device):
     registry = dict(checks.REGISTRY)
 
     def broken(rng, dtype, xp):
@@ -83,7 +84,7 @@ def test_a_broken_check_makes_the_exit_code_1(capsys, monkeypatch):
     registry["broken.crash"] = checks.Check("broken.crash", crashing, "always raises")
     monkeypatch.setattr(checks, "REGISTRY", registry)
     code, results = run_json(capsys, "--only", "damping.exact_solve", "broken.equality",
-                             "broken.crash")
+                             "broken.crash", "--device", device)
     assert code == 1
     by_name = {r["name"]: r for r in results}
     assert by_name["damping.exact_solve"]["passed"]
@@ -91,10 +92,11 @@ def test_a_broken_check_makes_the_exit_code_1(capsys, monkeypatch):
     crash = by_name["broken.crash"]
     assert not crash["passed"] and crash["error"] is None
     assert "ArithmeticError: boom" in crash["detail"]
-    assert checks.main(["--only", "broken.equality"]) == 1
+    assert checks.main(["--only", "broken.equality", "--device", device]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.host_only("measured() compares Python floats")
 def test_a_negative_control_that_stops_failing_is_reported():
     res = checks.measured("control.x", 1e-15, {"float64": 1e-2}, "float64", expect="above")
     assert not res.passed
@@ -104,11 +106,13 @@ def test_a_negative_control_that_stops_failing_is_reported():
 @pytest.mark.parametrize("args", [["--dtype", "float16"], ["--seed", "zero"],
                                   ["--only", "no.such.check"], ["--frobnicate"],
                                   ["--device", "tpu"]])
+@pytest.mark.host_only("CLI argument parsing")
 def test_bad_arguments_exit_2(capsys, args):
     assert checks.main(args) == 2
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.host_only("CLI help text")
 def test_help_exits_0_and_lists_checks(capsys):
     assert checks.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -116,6 +120,7 @@ def test_help_exits_0_and_lists_checks(capsys):
     assert all(name in out for name in checks.REGISTRY)
 
 
+@pytest.mark.host_only("the message for a machine without CuPy")
 @pytest.mark.skipif(gpu_unavailable_reason() is None, reason="a GPU is available here")
 def test_gpu_without_cupy_exits_2_with_the_backend_message(capsys):
     assert checks.main(["--device", "gpu"]) == 2
@@ -123,21 +128,25 @@ def test_gpu_without_cupy_exits_2_with_the_backend_message(capsys):
     assert "device='gpu' was requested but" in err and gpu_unavailable_reason() in err
 
 
-def test_dispatcher_routes_check(capsys):
-    assert dispatcher.main(["check", "--only", "damping.factored_solve"]) == 0
+def test_dispatcher_routes_check(capsys, device):
+    assert dispatcher.main(["check", "--only", "damping.factored_solve", "--device",
+                            device]) == 0
     assert "damping.factored_solve" in capsys.readouterr().out
 
 
+@pytest.mark.host_only("registry bookkeeping, no arrays")
 def test_registering_a_duplicate_name_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         checks.register("damping.exact_solve", "dup")(lambda rng, dtype, xp: None)
 
 
+@pytest.mark.host_only("argument validation, no arrays")
 def test_run_checks_rejects_bad_dtype():
     with pytest.raises(ValueError, match="dtype='float16' is not allowed"):
         checks.run_checks(0, "float16")
 
 
+@pytest.mark.host_only("check_rng is the host random generator of the cases")
 def test_check_rng_depends_on_seed_and_name():
     a = checks.check_rng(0, "x").random()
     assert a == checks.check_rng(0, "x").random()
@@ -162,6 +171,7 @@ def test_all_checks_pass_on_the_device(capsys, device):
         assert code == 0, [r for r in results if not r["passed"]]
 
 
+@pytest.mark.host_only("CLI argument parsing")
 def test_check_refuses_a_negative_seed(capsys):
     with pytest.raises(SystemExit) as exc:
         dispatcher.main(["check", "--seed", "-1"])

@@ -101,41 +101,42 @@ def small_net(g):
 
 
 @given(geometries())
-def test_flatten_is_column_stacking_and_unflatten_inverts_it(g):
+def test_flatten_is_column_stacking_and_unflatten_inverts_it(to_xp, g):
     net = small_net(g)
     params = net.init(g["seed"], dtype="float64")
-    theta = net.flatten(params)
+    d_params = [None if p is None else to_xp(p) for p in params]
+    theta = net.flatten(d_params)
     expected = np.concatenate([params[i].ravel(order="F") for i in net.param_layers])
-    np.testing.assert_array_equal(theta, expected)
+    np.testing.assert_array_equal(to_numpy(theta), expected)
     back = net.unflatten(theta)
     for i in range(len(net.layers)):
         if params[i] is None:
             assert back[i] is None
         else:
-            np.testing.assert_array_equal(back[i], params[i])
-    other = np.random.default_rng(g["seed"]).normal(size=net.num_params)
-    np.testing.assert_array_equal(net.flatten(net.unflatten(other)), other)
+            np.testing.assert_array_equal(to_numpy(back[i]), params[i])
+    other = to_xp(np.random.default_rng(g["seed"]).normal(size=net.num_params))
+    np.testing.assert_array_equal(to_numpy(net.flatten(net.unflatten(other))), to_numpy(other))
     with pytest.raises(ValueError, match="theta must have shape"):
         net.unflatten(other[:-1])
 
 
 @given(geometries())
-def test_per_example_gradient_is_sum_of_kronecker_products_in_flat_order(g):
+def test_per_example_gradient_is_sum_of_kronecker_products_in_flat_order(to_xp, g):
     """Records come from the batch (DS scaled by N to per-example derivatives); the reference is
     the gradient of each example's own loss, computed on that example alone."""
     net = small_net(g)
     rng = np.random.default_rng(g["seed"])
-    params = net.init(rng, dtype="float64")
-    x = rng.normal(size=(g["n"],) + net.input_shape)
-    y = rng.integers(0, 3, g["n"])
+    params = [None if p is None else to_xp(p) for p in net.init(rng, dtype="float64")]
+    x = to_xp(rng.normal(size=(g["n"],) + net.input_shape))
+    y = to_xp(rng.integers(0, 3, g["n"]))
     tape = net.forward(params, x)
     _, dlogits = softmax_cross_entropy(tape.output, y)
     _, douts = net.backward(params, tape, dlogits)
     records = net.records(tape, douts)
     for n in range(g["n"]):
         _, grads, _ = net.loss_and_grads(params, x[n:n + 1], y[n:n + 1])
-        flat = net.flatten(grads)
+        flat = to_numpy(net.flatten(grads))
         for rec, block in zip(records, net.param_slices()):
-            a, ds = rec.A_H[n], rec.DS[n]                       # (|T|, K), (|T|, I)
+            a, ds = to_numpy(rec.A_H[n]), to_numpy(rec.DS[n])   # (|T|, K), (|T|, I)
             vec_dw = sum(np.kron(a[t], ds[t]) for t in range(a.shape[0]))
             np.testing.assert_allclose(flat[block], vec_dw, rtol=1e-10, atol=EXPLICIT_ATOL)

@@ -155,26 +155,41 @@ def test_cross_map_matches_slow_twin(to_xp, field, centered, data):
     assert np.all((d == 1.0) | np.isnan(d))
 
 
-def test_float32_close_to_float64():
+def _auto(to_xp, f, *args, **kwargs):
+    """spatial_autocorrelation on the --xp module, brought back to the host."""
+    return to_numpy(spatial_autocorrelation(to_xp(f), *args, **kwargs))
+
+
+def _cross(to_xp, f, *args, **kwargs):
+    """cross_map_correlation on the --xp module, brought back to the host."""
+    return to_numpy(cross_map_correlation(to_xp(f), *args, **kwargs))
+
+
+def _summary(to_xp, a):
+    """mean_offcentre_correlation of a host panel, computed on the --xp module, as a float."""
+    return float(mean_offcentre_correlation(to_xp(a)))
+
+
+def test_float32_close_to_float64(to_xp):
     rng = np.random.default_rng(1)
     f = box_filtered_noise(rng, 20, 3, 9, 7, 2, 3)
-    a64 = spatial_autocorrelation(f, 4)
-    a32 = spatial_autocorrelation(f.astype(np.float32), 4)
+    a64 = _auto(to_xp, f, 4)
+    a32 = _auto(to_xp, f.astype(np.float32), 4)
     assert a32.dtype == np.float32
     np.testing.assert_allclose(a32, a64, atol=1e-5)
-    c32 = cross_map_correlation(f.astype(np.float32))
+    c32 = _cross(to_xp, f.astype(np.float32))
     assert c32.dtype == np.float32
-    np.testing.assert_allclose(c32, cross_map_correlation(f), atol=1e-5)
+    np.testing.assert_allclose(c32, _cross(to_xp, f), atol=1e-5)
 
 
-def test_default_window_is_13_by_13():
+def test_default_window_is_13_by_13(to_xp):
     f = np.random.default_rng(2).standard_normal((2, 1, 10, 10))
     assert DEFAULT_MAX_OFFSET == 6
-    assert spatial_autocorrelation(f).shape == (1, 13, 13)
+    assert spatial_autocorrelation(to_xp(f)).shape == (1, 13, 13)
 
 
-def test_window_clipped_per_axis_for_small_maps():
-    f = np.random.default_rng(3).standard_normal((4, 2, 3, 8))
+def test_window_clipped_per_axis_for_small_maps(to_xp):
+    f = to_xp(np.random.default_rng(3).standard_normal((4, 2, 3, 8)))
     assert spatial_autocorrelation(f, 6).shape == (2, 5, 13)     # R1 = 2, R2 = 6
     assert spatial_autocorrelation(f[:, :, :1, :1], 6).shape == (2, 1, 1)
     assert spatial_autocorrelation(f, 0).shape == (2, 1, 1)
@@ -183,30 +198,30 @@ def test_window_clipped_per_axis_for_small_maps():
 # --------------------------------------------------------------------------- (b) white noise
 
 @pytest.mark.parametrize("n", [50, 800])
-def test_white_noise_offcentre_is_small(n):
+def test_white_noise_offcentre_is_small(to_xp, n):
     """Each off-centre entry averages N(H-|d1|)(W-|d2|) uncorrelated unit-variance products
     (E[f_t f_{t+d} f_s f_{s+d}] = 0 for s != t when d != 0), so its std is ~ 1/sqrt(#pairs)."""
     h = w = 12
     rng = np.random.default_rng(10 + n)
     f = rng.standard_normal((n, 2, h, w))
-    a = spatial_autocorrelation(f)
+    a = _auto(to_xp, f)
     pairs = pair_counts(n, h, w, 6, 6)
     z = a * np.sqrt(pairs)
     z[:, 6, 6] = 0
     assert np.max(np.abs(z)) < N_SIGMA           # worst over 200 seeds: 4.3
     # Summary: mean |corr| ~ E|Z| * mean(1/sqrt(pairs)) = 0.80 * ...; the ratio stayed within
     # 1 +- 0.23 over 200 seeds, allow 1 +- 0.5.
-    m = float(mean_offcentre_correlation(a))
+    m = _summary(to_xp, a)
     expected = math.sqrt(2 / math.pi) * np.mean(np.delete(1 / np.sqrt(pairs).ravel(), 84))
     assert 0.5 * expected < m < 1.5 * expected
 
 
-def test_white_noise_summary_shrinks_like_one_over_sqrt_n():
+def test_white_noise_summary_shrinks_like_one_over_sqrt_n(to_xp):
     rng = np.random.default_rng(11)
     small = float(mean_offcentre_correlation(
-        spatial_autocorrelation(rng.standard_normal((25, 2, 10, 10)))))
+        spatial_autocorrelation(to_xp(rng.standard_normal((25, 2, 10, 10))))))
     large = float(mean_offcentre_correlation(
-        spatial_autocorrelation(rng.standard_normal((400, 2, 10, 10)))))
+        spatial_autocorrelation(to_xp(rng.standard_normal((400, 2, 10, 10))))))
     ratio = small / large          # sqrt(400 / 25) = 4 in expectation; 3.04..5.01 over 200 seeds
     assert 2.5 < ratio < 6.0
 
@@ -214,7 +229,7 @@ def test_white_noise_summary_shrinks_like_one_over_sqrt_n():
 # --------------------------------------------------------------------------- (c) known fields
 
 @pytest.mark.parametrize("centered, shift", [(False, 0.0), (True, 3.0)])
-def test_box_filtered_noise_recovers_closed_form(centered, shift):
+def test_box_filtered_noise_recovers_closed_form(to_xp, centered, shift):
     """k1 x k2 box sum of white noise: rho(d) = (1 - |d1|/k1)_+ (1 - |d2|/k2)_+ exactly.
 
     Statistical tolerance per offset: N_SIGMA * sqrt(S / #pairs(d)), with S = sum_k rho(k)^2
@@ -226,7 +241,7 @@ def test_box_filtered_noise_recovers_closed_form(centered, shift):
     n, c, h, w, k1, k2 = 300, 2, 12, 16, 3, 5          # k1 != k2 and H != W catch axis swaps
     rng = np.random.default_rng(20)
     f = box_filtered_noise(rng, n, c, h, w, k1, k2) + shift
-    a = spatial_autocorrelation(f, centered=centered)
+    a = _auto(to_xp, f, centered=centered)
     theory = box_theory(k1, k2, 6, 6)
     s = float(np.sum(box_theory(k1, k2, k1, k2) ** 2))
     tol = N_SIGMA * np.sqrt(s / pair_counts(n, h, w, 6, 6))
@@ -234,36 +249,36 @@ def test_box_filtered_noise_recovers_closed_form(centered, shift):
     # The SUD summary of this strongly correlated field is far from 0 (0.096 in theory; the
     # error was <= 0.017 over 200 seeds).
     off = np.delete(np.abs(theory).ravel(), theory.size // 2).mean()
-    assert abs(float(mean_offcentre_correlation(a)) - off) < 0.03
+    assert abs(_summary(to_xp, a) - off) < 0.03
 
 
-def test_uncentred_constant_mean_dominates():
+def test_uncentred_constant_mean_dominates(to_xp):
     """Uncentred (the paper's Omega-style) correlation of a field with a large mean is ~1."""
     rng = np.random.default_rng(21)
     f = rng.standard_normal((50, 1, 8, 8)) + 20.0
-    a = spatial_autocorrelation(f)
+    a = _auto(to_xp, f)
     assert np.all(a > 0.99)
 
 
-def test_constant_over_space_gives_one_everywhere():
+def test_constant_over_space_gives_one_everywhere(to_xp):
     rng = np.random.default_rng(22)
     amp = rng.standard_normal((7, 3, 1, 1))
     f = np.broadcast_to(amp, (7, 3, 6, 9)).copy()
     for centered in (False, True):
-        a = spatial_autocorrelation(f, 6, centered=centered)
+        a = _auto(to_xp, f, 6, centered=centered)
         np.testing.assert_allclose(a, 1.0, rtol=1e-12)
-        assert float(mean_offcentre_correlation(a)) == pytest.approx(1.0, rel=1e-12)
+        assert _summary(to_xp, a) == pytest.approx(1.0, rel=1e-12)
 
 
-def test_checkerboard_gives_alternating_sign():
+def test_checkerboard_gives_alternating_sign(to_xp):
     """f_t = (-1)^(t1+t2) a_n: correlation (-1)^(d1+d2) exactly (signed output)."""
     amp = np.random.default_rng(23).standard_normal((5, 1, 1, 1))
     t = np.add.outer(np.arange(5), np.arange(7))
     f = amp * ((-1.0) ** t)[None, None]
-    a = spatial_autocorrelation(f, 3)
+    a = _auto(to_xp, f, 3)
     d = np.add.outer(np.arange(-3, 4), np.arange(-3, 4))
     np.testing.assert_allclose(a[0], (-1.0) ** d, rtol=1e-12)
-    assert float(mean_offcentre_correlation(a)) == pytest.approx(1.0)
+    assert _summary(to_xp, a) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- (d) cross-map
@@ -280,7 +295,7 @@ def _theory_corr(mixing):
     return cov / np.outer(s, s)
 
 
-def test_cross_map_recovers_known_matrix_at_chosen_location():
+def test_cross_map_recovers_known_matrix_at_chosen_location(to_xp):
     """std of a sample correlation is (1 - rho^2)/sqrt(N) <= 1/sqrt(N); tolerance 5/sqrt(N)
     (worst over 200 seeds: 3.7/sqrt(N))."""
     rng = np.random.default_rng(30)
@@ -297,66 +312,71 @@ def test_cross_map_recovers_known_matrix_at_chosen_location():
     f[:, :, h // 2, w // 2] = _mixed_maps(rng, a_centre, n)
     f[:, :, 1, 3] = _mixed_maps(rng, a_other, n)
     tol = N_SIGMA / math.sqrt(n)
-    np.testing.assert_allclose(cross_map_correlation(f), _theory_corr(a_centre), atol=tol)
-    np.testing.assert_allclose(cross_map_correlation(f, (1, 3)), _theory_corr(a_other), atol=tol)
-    np.testing.assert_allclose(cross_map_correlation(f, (0, 0)), np.eye(4), atol=tol)
+    np.testing.assert_allclose(_cross(to_xp, f), _theory_corr(a_centre), atol=tol)
+    np.testing.assert_allclose(_cross(to_xp, f, (1, 3)), _theory_corr(a_other), atol=tol)
+    np.testing.assert_allclose(_cross(to_xp, f, (0, 0)), np.eye(4), atol=tol)
 
 
-def test_cross_map_centered_removes_mean():
+def test_cross_map_centered_removes_mean(to_xp):
     rng = np.random.default_rng(31)
     n = 10_000
     mixing = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, -0.7, 0.7]])
     x = _mixed_maps(rng, mixing, n, mean=np.array([4.0, -3.0, 2.0]))
     f = x[:, :, None, None]
     tol = N_SIGMA / math.sqrt(n)
-    np.testing.assert_allclose(cross_map_correlation(f, centered=True), _theory_corr(mixing),
+    np.testing.assert_allclose(_cross(to_xp, f, centered=True), _theory_corr(mixing),
                                atol=tol)
     # Uncentred: dominated by the means, E[x x^T] normalised (checked against the twin only).
-    np.testing.assert_allclose(cross_map_correlation(f), slow_cross_map(f, None), atol=1e-12)
-    assert abs(cross_map_correlation(f)[0, 1] - _theory_corr(mixing)[0, 1]) > 0.1
+    uncentred = _cross(to_xp, f)
+    np.testing.assert_allclose(uncentred, slow_cross_map(f, None), atol=1e-12)
+    assert abs(uncentred[0, 1] - _theory_corr(mixing)[0, 1]) > 0.1
 
 
 # --------------------------------------------------------------------------- (e) degenerate
 
 @pytest.mark.filterwarnings("error")
-def test_zero_map_gives_nan_without_warnings():
+def test_zero_map_gives_nan_without_warnings(to_xp):
     rng = np.random.default_rng(40)
     f = rng.standard_normal((10, 3, 6, 6))
     f[:, 1] = 0.0
-    a = spatial_autocorrelation(f, 3)
+    a = _auto(to_xp, f, 3)
     assert np.all(np.isnan(a[1]))
     assert np.all(np.isfinite(a[[0, 2]]))
     # The summary leaves NaN maps out.
-    assert float(mean_offcentre_correlation(a)) == pytest.approx(
-        float(mean_offcentre_correlation(a[[0, 2]])))
-    c = cross_map_correlation(f)
+    assert _summary(to_xp, a) == pytest.approx(_summary(to_xp, a[[0, 2]]))
+    c = _cross(to_xp, f)
     assert np.all(np.isnan(c[1])) and np.all(np.isnan(c[:, 1]))
     assert np.all(np.isfinite(c[np.ix_([0, 2], [0, 2])]))
     # All maps degenerate -> NaN summary; a 1 x 1 panel has no off-centre offset -> NaN.
-    assert math.isnan(float(mean_offcentre_correlation(a[[1]])))
-    assert math.isnan(float(mean_offcentre_correlation(spatial_autocorrelation(f, 0))))
+    assert math.isnan(_summary(to_xp, a[[1]]))
+    assert math.isnan(_summary(to_xp, _auto(to_xp, f, 0)))
 
 
 @pytest.mark.filterwarnings("error")
-def test_constant_map_is_degenerate_only_when_centred():
+def test_constant_map_is_degenerate_only_when_centred(to_xp):
     f = np.full((4, 1, 5, 5), 2.5)
-    np.testing.assert_array_equal(spatial_autocorrelation(f), np.ones((1, 9, 9)))
-    assert np.all(np.isnan(spatial_autocorrelation(f, centered=True)))
-    assert np.isnan(cross_map_correlation(f, centered=True)[0, 0])
-    assert cross_map_correlation(f)[0, 0] == 1.0
+    np.testing.assert_array_equal(_auto(to_xp, f), np.ones((1, 9, 9)))
+    assert np.all(np.isnan(_auto(to_xp, f, centered=True)))
+    assert np.isnan(_cross(to_xp, f, centered=True)[0, 0])
+    assert _cross(to_xp, f)[0, 0] == 1.0
 
 
-def test_map_zero_at_the_location_only():
+def test_map_zero_at_the_location_only(to_xp):
     f = np.random.default_rng(41).standard_normal((8, 2, 3, 3))
     f[:, 0, 1, 1] = 0.0
-    c = cross_map_correlation(f)                 # default location (1, 1)
+    c = _cross(to_xp, f)                         # default location (1, 1)
     assert np.isnan(c[0, 0]) and np.isnan(c[0, 1]) and c[1, 1] == 1.0
-    assert np.all(np.isfinite(cross_map_correlation(f, (0, 0))))
+    assert np.all(np.isfinite(_cross(to_xp, f, (0, 0))))
 
 
 # --------------------------------------------------------------------------- (f) bad inputs
 
 GOOD = np.zeros((2, 2, 4, 4)) + 1.0
+
+
+def _moved(to_xp, value):
+    """Arrays go to the --xp module; lists (the non-array inputs under test) stay lists."""
+    return to_xp(value) if isinstance(value, np.ndarray) else value
 
 
 @pytest.mark.parametrize("func", [spatial_autocorrelation, cross_map_correlation])
@@ -368,35 +388,35 @@ GOOD = np.zeros((2, 2, 4, 4)) + 1.0
     (np.ones((2, 2, 4, 4), dtype=np.complex128), TypeError, r"real floating dtype.*complex"),
     ([[[[1.0]]]], TypeError, r"field must be an array"),
 ])
-def test_bad_field(func, bad, exc, match):
+def test_bad_field(to_xp, func, bad, exc, match):
     with pytest.raises(exc, match=match):
-        func(bad)
+        func(_moved(to_xp, bad))
 
 
 @pytest.mark.parametrize("bad, exc", [
     (-1, ValueError), (2.0, TypeError), (2.5, TypeError), (True, TypeError), ("3", TypeError),
     (None, TypeError),
 ])
-def test_bad_max_offset(bad, exc):
+def test_bad_max_offset(to_xp, bad, exc):
     with pytest.raises(exc, match=r"max_offset must be a non-negative int; got"):
-        spatial_autocorrelation(GOOD, bad)
+        spatial_autocorrelation(to_xp(GOOD), bad)
 
 
-def test_numpy_integer_max_offset_accepted():
-    assert spatial_autocorrelation(GOOD, np.int64(2)).shape == (2, 5, 5)
+def test_numpy_integer_max_offset_accepted(to_xp):
+    assert spatial_autocorrelation(to_xp(GOOD), np.int64(2)).shape == (2, 5, 5)
 
 
 @pytest.mark.parametrize("bad", [(4, 0), (0, 4), (-1, 0), (1,), (1, 2, 3), 3, (1.0, 2),
                                  (True, 0), "ab"])
-def test_bad_location(bad):
+def test_bad_location(to_xp, bad):
     with pytest.raises(ValueError, match=r"location"):
-        cross_map_correlation(GOOD, bad)
+        cross_map_correlation(to_xp(GOOD), bad)
 
 
 @pytest.mark.parametrize("func", [spatial_autocorrelation, cross_map_correlation])
-def test_bad_centered(func):
+def test_bad_centered(to_xp, func):
     with pytest.raises(TypeError, match=r"centered must be True or False"):
-        func(GOOD, centered=1)
+        func(to_xp(GOOD), centered=1)
 
 
 @pytest.mark.parametrize("bad, exc, match", [
@@ -406,14 +426,14 @@ def test_bad_centered(func):
     (np.ones((0, 3, 3)), ValueError, r"C >= 1"),
     ([1.0], TypeError, r"autocorr must be an array"),
 ])
-def test_bad_autocorr(bad, exc, match):
+def test_bad_autocorr(to_xp, bad, exc, match):
     with pytest.raises(exc, match=match):
-        mean_offcentre_correlation(bad)
+        mean_offcentre_correlation(_moved(to_xp, bad))
 
 
-def test_summary_accepts_single_map_panel():
-    a = spatial_autocorrelation(np.random.default_rng(50).standard_normal((4, 2, 5, 5)), 2)
-    assert float(mean_offcentre_correlation(a[0])) == pytest.approx(
+def test_summary_accepts_single_map_panel(to_xp):
+    a = _auto(to_xp, np.random.default_rng(50).standard_normal((4, 2, 5, 5)), 2)
+    assert _summary(to_xp, a[0]) == pytest.approx(
         float(np.abs(np.delete(a[0].ravel(), 12)).mean()))
 
 

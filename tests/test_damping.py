@@ -83,9 +83,9 @@ def rel_err(a, b):
 # --------------------------------------------------------------------------- pi, Eq. 7-8
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(factor_pairs(), dampings, st.floats(0.0, 1.0))
-def test_pi_trace_minimises_the_residual_bound(dtype, pair, damping, weight_decay):
+def test_pi_trace_minimises_the_residual_bound(to_xp, dtype, pair, damping, weight_decay):
     Omega, Gamma, _ = pair
-    Om, Ga = Omega.astype(dtype), Gamma.astype(dtype)
+    Om, Ga = to_xp(Omega.astype(dtype)), to_xp(Gamma.astype(dtype))
     r = np.sqrt(damping + weight_decay)
     pi = pi_trace(Om, Ga)
     grid = dense_residual_bound(Omega, Gamma, pi * PI_GRID, r)
@@ -97,12 +97,13 @@ def test_pi_trace_minimises_the_residual_bound(dtype, pair, damping, weight_deca
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(factor_pairs(), dampings)
-def test_eq7_residual_is_the_two_cross_terms(dtype, pair, damping):
+def test_eq7_residual_is_the_two_cross_terms(to_xp, dtype, pair, damping):
     """(Omega + pi r I) kron (Gamma + r/pi I) - (Omega kron Gamma + r^2 I)
-       = pi r (I kron Gamma) + (r/pi) (Omega kron I)."""
+       = pi r (I kron Gamma) + (r/pi) (Omega kron I).  pi from the --xp module, the dense
+    Kronecker products on the host."""
     Omega, Gamma, _ = pair
     Om, Ga = Omega.astype(dtype), Gamma.astype(dtype)
-    r, pi = np.sqrt(damping), pi_trace(Om, Ga)
+    r, pi = np.sqrt(damping), pi_trace(to_xp(Om), to_xp(Ga))
     eo, eg = np.eye(Om.shape[0], dtype=dtype), np.eye(Ga.shape[0], dtype=dtype)
     lhs = (np.kron(Om + pi * r * eo, Ga + (r / pi) * eg)
            - (np.kron(Om, Ga) + r * r * np.kron(eo, eg)))
@@ -110,10 +111,10 @@ def test_eq7_residual_is_the_two_cross_terms(dtype, pair, damping):
     assert rel_err(lhs, rhs) <= RESIDUAL_RTOL[dtype] * max(1.0, np.abs(lhs).max())
 
 
-def test_pi_trace_formula_and_dead_layer():
-    Omega, Gamma = np.diag([4.0, 2.0]), np.diag([1.0, 1.0, 1.0])
+def test_pi_trace_formula_and_dead_layer(to_xp):
+    Omega, Gamma = to_xp(np.diag([4.0, 2.0])), to_xp(np.diag([1.0, 1.0, 1.0]))
     assert pi_trace(Omega, Gamma) == pytest.approx(np.sqrt(3.0 / 1.0))
-    assert pi_trace(Omega, np.zeros((3, 3))) == 1.0
+    assert pi_trace(Omega, to_xp(np.zeros((3, 3)))) == 1.0
 
 
 # --------------------------------------------------------------------------- solves
@@ -153,6 +154,7 @@ def test_exact_damped_solve_equals_dense_solve_in_both_vec_orders(to_xp, dtype, 
     assert rel_err(out.ravel(), row_major) <= SOLVE_RTOL[dtype]
 
 
+@pytest.mark.host_only("NumPy's Kronecker identities behind the dense references; no kfc_ref code")
 def test_kronecker_orders_act_as_stated():
     """The identities the two vec orders rest on, once, with a non-square X."""
     rng = np.random.default_rng(0)
@@ -180,38 +182,41 @@ def test_rank_deficient_factors_at_tiny_damping_stay_finite(to_xp, dtype, pair):
         assert np.linalg.norm(A @ x - g) <= RANK_DEFICIENT_BACKWARD_RTOL * scale
 
 
-def test_eigen_factors_clip_negative_round_off():
+def test_eigen_factors_clip_negative_round_off(to_xp):
     Omega = np.array([[1.0, 1.0], [1.0, 1.0]]) - 1e-14 * np.eye(2)   # eigenvalue -1e-14
-    eig = eigen_factors(Omega, np.eye(1))
-    assert eig.d_Omega.min() == 0.0
-    np.testing.assert_allclose(symmetrize(np.array([[1.0, 2.0], [0.0, 1.0]])),
+    eig = eigen_factors(to_xp(Omega), to_xp(np.eye(1)))
+    assert to_numpy(eig.d_Omega).min() == 0.0
+    np.testing.assert_allclose(to_numpy(symmetrize(to_xp(np.array([[1.0, 2.0], [0.0, 1.0]])))),
                                [[1.0, 1.0], [1.0, 1.0]])
 
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("damping", [0.0, -1e-3, float("nan")])
-def test_nonpositive_damping_is_rejected(damping):
-    Omega, Gamma, G = np.eye(2), np.eye(3), np.ones((3, 2))
+def test_nonpositive_damping_is_rejected(to_xp, damping):
+    Omega, Gamma, G = to_xp(np.eye(2)), to_xp(np.eye(3)), to_xp(np.ones((3, 2)))
     with pytest.raises(ArgumentError, match="damping=.* expected a finite number > 0"):
         factored_inverse(Omega, Gamma, damping)
     with pytest.raises(ArgumentError, match="damping=.* expected a finite number > 0"):
         eigen_factors(Omega, Gamma).apply(G, damping)
 
 
-def test_negative_weight_decay_and_mismatched_lists_are_rejected():
+def test_negative_weight_decay_and_mismatched_lists_are_rejected(to_xp):
+    eye = to_xp(np.eye(2))
     with pytest.raises(ArgumentError, match="weight_decay=-0.1 is not allowed"):
-        factored_inverse(np.eye(2), np.eye(2), 1e-3, weight_decay=-0.1)
+        factored_inverse(eye, eye, 1e-3, weight_decay=-0.1)
     with pytest.raises(ArgumentError, match="2 gradients but 1 inverses"):
-        natural_gradient([np.ones((2, 2))] * 2, [factored_inverse(np.eye(2), np.eye(2), 1.0)])
+        natural_gradient([to_xp(np.ones((2, 2)))] * 2, [factored_inverse(eye, eye, 1.0)])
 
 
-def test_natural_gradient_applies_eq_22_per_layer():
+def test_natural_gradient_applies_eq_22_per_layer(to_xp):
     rng = np.random.default_rng(1)
-    invs = [factored_inverse(np.eye(3) * 2, np.eye(2) * 3, 1.0),
-            factored_inverse(np.eye(1), np.eye(4), 0.5)]
+    invs = [factored_inverse(to_xp(np.eye(3) * 2), to_xp(np.eye(2) * 3), 1.0),
+            factored_inverse(to_xp(np.eye(1)), to_xp(np.eye(4)), 0.5)]
     grads = [rng.normal(size=(2, 3)), rng.normal(size=(4, 1))]
-    for out, g, inv in zip(natural_gradient(grads, invs), grads, invs):
-        np.testing.assert_allclose(out, inv.Gamma_inv @ g @ inv.Omega_inv)
+    outs = natural_gradient([to_xp(g) for g in grads], invs)
+    for out, g, inv in zip(outs, grads, invs):
+        np.testing.assert_allclose(to_numpy(out),
+                                   to_numpy(inv.Gamma_inv) @ g @ to_numpy(inv.Omega_inv))
 
 
 # --------------------------------------------------------------------------- failure semantics
@@ -228,12 +233,14 @@ def _factors(to_device, bad=None):
     return out
 
 
-@pytest.mark.parametrize("to_device", [np.asarray, asguarded], ids=["numpy", "guarded"])
+@pytest.mark.parametrize("namespace", ["numpy", "guarded", "--xp"])
 @pytest.mark.parametrize("bad", [(1, "Omega"), (2, "Gamma")])
-def test_non_finite_factors_raise_the_same_error_on_every_namespace(to_device, bad):
+def test_non_finite_factors_raise_the_same_error_on_every_namespace(to_xp, namespace, bad):
     """NumPy's inv/eigh may raise LinAlgError or return NaN on NaN input; CuPy's return NaN
     silently.  The finiteness checks before inversion and eigendecomposition raise one error
-    naming the layer and factor on both (the guarded namespace stands in for CuPy)."""
+    naming the layer and factor on both (the guarded namespace stands in for CuPy; "--xp" is
+    the module under test, CuPy itself under --xp cupy)."""
+    to_device = {"numpy": np.asarray, "guarded": asguarded, "--xp": to_xp}[namespace]
     factors = _factors(to_device, bad)
     name = f"layer {bad[0]} {bad[1]}"
     with pytest.raises(NonFiniteCurvatureError, match=f"before inversion in: {name}\\. "):

@@ -41,6 +41,7 @@ def test_col2im_is_exact_adjoint(to_xp, case, seed):
     assert abs(lhs - rhs) <= EXACT_RTOL * float(np.sum(np.abs(cols * y))) + 1e-300
 
 
+@pytest.mark.host_only("output-size arithmetic on Python ints, checked against the host loop twin")
 @given(conv_cases())
 def test_output_size_matches_loop_twin(case):
     geom = _geom(case)
@@ -66,11 +67,13 @@ def test_homogeneous_column_is_all_ones_also_at_the_border(to_xp):
     (dict(kh=3, kw=3, padding=-1), "padding"),
     (dict(kh=3, kw=3, dilation=0), "dilation"),
 ])
+@pytest.mark.host_only("ConvGeometry argument validation, no arrays")
 def test_bad_geometry_is_rejected_with_the_argument_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConvGeometry(**kwargs)
 
 
+@pytest.mark.host_only("ConvGeometry argument validation, no arrays")
 def test_kernel_larger_than_padded_input_is_rejected():
     with pytest.raises(ValueError, match="larger than the padded input 4x4"):
         ConvGeometry(5, 5, padding=1).output_shape(2, 2)
@@ -80,23 +83,26 @@ def test_kernel_larger_than_padded_input_is_rejected():
 
 
 @given(conv_cases(), seeds)
-def test_one_gather_equals_the_slice_loop_in_both_layouts(case, seed):
+def test_one_gather_equals_the_slice_loop_in_both_layouts(to_xp, case, seed):
     """im2col as one strided gather (NumPy's as_strided, the guarded namespace's take of a
-    cached index) equals the |Delta| slice copies, bit for bit, for (N, J, H, W) input and
-    for the network's channel-major (J, N, H, W) input."""
+    cached index, and the --xp module's: CuPy under --xp cupy) equals the |Delta| slice
+    copies, bit for bit, for (N, J, H, W) input and for the network's channel-major
+    (J, N, H, W) input."""
     geom = _geom(case)
     x = normal(seed, case["n"], case["j"], case["h"], case["w"])
     for cm, arr in ((False, x), (True, np.ascontiguousarray(x.transpose(1, 0, 2, 3)))):
         twin = im2col_matrix_slices(arr, geom, channel_major=cm)
         np.testing.assert_array_equal(im2col_matrix(arr, geom, channel_major=cm), twin)
-        np.testing.assert_array_equal(
-            to_numpy(im2col_matrix(asguarded(arr), geom, channel_major=cm)), twin)
+        for move in (asguarded, to_xp):
+            np.testing.assert_array_equal(
+                to_numpy(im2col_matrix(move(arr), geom, channel_major=cm)), twin)
 
 
 @given(conv_cases(), seeds)
-def test_col2im_scatter_equals_the_slice_loop(case, seed):
+def test_col2im_scatter_equals_the_slice_loop(to_xp, case, seed):
     """col2im as one scatter-add (np.add.at here, a weighted bincount on the guarded
-    namespace, cupyx.scatter_add on CuPy) equals the slice-add loop; both are the adjoint."""
+    namespace, cupyx.scatter_add on CuPy: the --xp module) equals the slice-add loop; both are
+    the adjoint."""
     geom = _geom(case)
     ho, wo = geom.output_shape(case["h"], case["w"])
     shape_cm = (case["j"], case["n"], case["h"], case["w"])
@@ -104,20 +110,22 @@ def test_col2im_scatter_equals_the_slice_loop(case, seed):
     slices = col2im_matrix(y, shape_cm, geom, method="slices")
     np.testing.assert_allclose(col2im_matrix(y, shape_cm, geom, method="scatter"), slices,
                                rtol=EXACT_RTOL, atol=EXACT_RTOL)
-    np.testing.assert_allclose(to_numpy(col2im_matrix(asguarded(y), shape_cm, geom)), slices,
-                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    for move in (asguarded, to_xp):
+        np.testing.assert_allclose(to_numpy(col2im_matrix(move(y), shape_cm, geom)), slices,
+                                   rtol=EXACT_RTOL, atol=EXACT_RTOL)
 
 
-def test_col2im_rejects_an_unknown_method():
+def test_col2im_rejects_an_unknown_method(to_xp):
     with pytest.raises(ValueError, match="method='loop' is not allowed"):
-        col2im_matrix(np.zeros((9, 4)), (1, 1, 2, 2), ConvGeometry(3, 3, padding=1),
+        col2im_matrix(to_xp(np.zeros((9, 4))), (1, 1, 2, 2), ConvGeometry(3, 3, padding=1),
                       method="loop")
 
 
 @given(conv_cases(), seeds)
-def test_per_offset_input_gradient_equals_col2im_of_the_product(case, seed):
+def test_per_offset_input_gradient_equals_col2im_of_the_product(to_xp, case, seed):
     """NumPy's fused input gradient (one GEMM per offset, added into its slice) and the
-    few-launch one (guarded: one GEMM, one scatter-add) both equal col2im(W^T DS^T)."""
+    few-launch one (guarded, and the --xp module: one GEMM, one scatter-add) both equal
+    col2im(W^T DS^T)."""
     geom = _geom(case)
     ho, wo = geom.output_shape(case["h"], case["w"])
     shape_cm = (case["j"], case["n"], case["h"], case["w"])
@@ -126,6 +134,6 @@ def test_per_offset_input_gradient_equals_col2im_of_the_product(case, seed):
     ref = col2im_matrix(W.T @ ds, shape_cm, geom, method="slices")
     np.testing.assert_allclose(col2im_of_product(W, ds, shape_cm, geom), ref,
                                rtol=EXACT_RTOL, atol=EXACT_RTOL)
-    np.testing.assert_allclose(to_numpy(col2im_of_product(asguarded(W), asguarded(ds),
-                                                          shape_cm, geom)), ref,
-                               rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    for move in (asguarded, to_xp):
+        np.testing.assert_allclose(to_numpy(col2im_of_product(move(W), move(ds), shape_cm, geom)),
+                                   ref, rtol=EXACT_RTOL, atol=EXACT_RTOL)

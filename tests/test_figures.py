@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import _import_device_users, _pretend_gpu
+from kfc_ref.backend import to_numpy
 from kfc_ref.experiments import studies as ex
 from kfc_ref.experiments import figures
 from kfc_ref.experiments import plotting
@@ -31,9 +33,25 @@ NAMES = ("sud_derivatives", "sud_activations", "sud_summary", "exact_vs_kfc", "l
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def module_device(xp_name, xp):
+    """conftest's ``device`` for module-scoped fixtures (that one is per test): 'cpu' under
+    --xp numpy, else 'gpu' (the guarded stand-in under --xp guarded, patched for the module)."""
+    if xp_name == "numpy":
+        yield "cpu"
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        if xp_name == "guarded":
+            _import_device_users()
+            _pretend_gpu(patch)
+        yield "gpu"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, module_device):
+    """compute_all on the --xp device (its training runs and SUD analysis run there)."""
     runs = tmp_path_factory.mktemp("runs")
-    return figures.compute_all("digits", quick=True, runs_dir=str(runs), quiet=True)
+    return figures.compute_all("digits", quick=True, runs_dir=str(runs), quiet=True,
+                               device=module_device)
 
 
 def _assert_images(paths):
@@ -77,16 +95,18 @@ def test_kfc_trajectories_coincide_and_sgd_ones_do_not(results):
     assert losses["KFC (undamped)"][-1] < losses["KFC (undamped)"][0]   # it does train
 
 
-def test_whitening_reparameterisation_whitens_and_keeps_the_function():
+@pytest.mark.host_only("studies.whitening returns host NumPy (U, c, V, d) for device "
+                       "activations, so dagger_params mixes them with device parameters")
+def test_whitening_reparameterisation_whitens_and_keeps_the_function(to_xp):
     rng = np.random.default_rng(0)
-    x = rng.normal(1.0, 2.0, size=(40, 1, 8, 8))
+    x = to_xp(rng.normal(1.0, 2.0, size=(40, 1, 8, 8)))
     net = ex.invariance_net((1, 8, 8), 4)
-    params = net.init(0, "float64")
+    params = [None if p is None else to_xp(p) for p in net.init(0, "float64")]
     reparam = ex.whitening_reparameterization(net, params, x)
     net_d, params_d = dagger_network(net, reparam), dagger_params(net, params, reparam)
     assert function_discrepancy(net, params, net_d, params_d, x) < SAME_FUNCTION_TOL
     # inside N-dagger the first tanh output (after its affine map) is centred and white
-    a = net_d.layer_inputs(params_d, x)[3]                      # after AffineWrapped(tanh)
+    a = to_numpy(net_d.layer_inputs(params_d, x)[3])            # after AffineWrapped(tanh)
     flat = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
     np.testing.assert_allclose(flat.mean(axis=0), 0.0, atol=1e-10)
     np.testing.assert_allclose(np.cov(flat.T, bias=True), np.eye(a.shape[1]), atol=1e-8)
@@ -100,12 +120,16 @@ def test_ladder_and_damping_sweep_agree_at_the_ladder_damping(results):
     assert abs(sweep.exact_vs_fisher_angle[k] - kfc.angle_deg) < ANGLE_AGREEMENT_DEG
 
 
-def test_ladder_kfc_rung_is_the_exact_layer_factors(results):
-    problem = ex.tiny_problem(results.runs["sgd"].dataset, ex.QUICK, seed=0)
+def test_ladder_kfc_rung_is_the_exact_layer_factors(results, to_xp):
+    """The quick tiny problem (trained on the host), its ladder on the --xp module."""
+    host = ex.tiny_problem(results.runs["sgd"].dataset, ex.QUICK, seed=0)
+    problem = ex.TinyProblem(host.net, [to_xp(p) for p in host.params], to_xp(host.x),
+                             to_xp(host.y), host.layer_index)
     ladder = ex.exact_vs_kfc(problem, ex.QUICK.ladder_examples)
     fac = exact_layer_factors(problem.net, problem.params, problem.x[:ex.QUICK.ladder_examples],
                               problem.layer_index)
-    np.testing.assert_allclose(ladder.matrices["KFC"], np.kron(fac.Omega, fac.Gamma),
+    np.testing.assert_allclose(to_numpy(ladder.matrices["KFC"]),
+                               np.kron(to_numpy(fac.Omega), to_numpy(fac.Gamma)),
                                rtol=1e-10, atol=1e-14)
 
 
@@ -124,6 +148,7 @@ def test_damping_sweep_factored_and_exact_agree_for_large_damping(results):
     assert np.all(np.isfinite(d.factored_vs_exact_error))
 
 
+@pytest.mark.host_only("plots host values")
 def test_plotting_skips_missing_values(tmp_path):
     rows = [{"iteration": 1, "wall_seconds": 0.5, "train_loss": 2.0, "train_error": 0.8,
              "test_loss": None, "test_error": None},
@@ -132,6 +157,7 @@ def test_plotting_skips_missing_values(tmp_path):
     _assert_images(plotting.plot_training_curves({"sgd": rows}, "t", str(tmp_path), "curves"))
 
 
+@pytest.mark.host_only("plots host panels")
 def test_correlation_panels_pick_defined_maps(tmp_path):
     auto = np.zeros((4, 5, 5))
     auto[:, 2, 2] = 1.0
@@ -140,11 +166,13 @@ def test_correlation_panels_pick_defined_maps(tmp_path):
                                                     str(tmp_path), "panels", maps=3))
 
 
+@pytest.mark.host_only("CLI argument check")
 def test_cli_rejects_a_file_dataset_without_data_dir(tmp_path, capsys):
     assert figures.main(["--quick", "--data", "cifar10", "--out", str(tmp_path)]) == 2
     assert "data_dir" in capsys.readouterr().err
 
 
+@pytest.mark.host_only("shrink_images resizes host dataset images")
 def test_shrink_images_sizes():
     x = np.zeros((2, 1, 28, 28), dtype=np.float32)
     assert ex.shrink_images(x).shape == (2, 1, 7, 7)
@@ -152,6 +180,7 @@ def test_shrink_images_sizes():
     assert ex.shrink_images(np.zeros((2, 1, 8, 8))).shape == (2, 1, 8, 8)
 
 
+@pytest.mark.host_only("bookkeeping of a stubbed training run, no arrays")
 def test_training_run_keeps_the_log_of_a_diverged_run(tmp_path, monkeypatch):
     import kfc_ref.experiments.train as train_module
 

@@ -81,6 +81,11 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
 
 
+def _moved(to_xp, params, *arrays):
+    """Parameters (a list) and arrays in the --xp module."""
+    return ([None if p is None else to_xp(p) for p in params],) + tuple(map(to_xp, arrays))
+
+
 # --------------------------------------------------------------------------- (a)
 @given(net_cases())
 def test_per_example_gradients_equal_single_example_backward(to_xp, case):
@@ -104,8 +109,9 @@ def test_layer_gradient_vectors_are_column_stacked_dW(to_xp):
         np.testing.assert_allclose(g[n], dW.ravel(order="F"), rtol=EXACT_RTOL)
         kron_sum = sum(np.kron(A_H[n, t], DS[n, t]) for t in range(5))
         np.testing.assert_allclose(g[n], kron_sum, rtol=EXACT_RTOL)
-    pairs = layer_gradient_vectors(A_H[:, None], DS[None])      # broadcasting over pairs
-    np.testing.assert_allclose(pairs[0, 1], layer_gradient_vectors(A_H[:1], DS[1:])[0])
+    pairs = to_numpy(layer_gradient_vectors(to_xp(A_H[:, None]), to_xp(DS[None])))  # all pairs
+    np.testing.assert_allclose(pairs[0, 1],
+                               to_numpy(layer_gradient_vectors(to_xp(A_H[:1]), to_xp(DS[1:])))[0])
 
 
 # --------------------------------------------------------------------------- (b), (c)
@@ -140,15 +146,17 @@ def test_true_fisher_equals_both_twins(to_xp, case):
 
 
 @given(net_cases())
-def test_true_fisher_is_symmetric_psd_and_blocks_are_slices(case):
+def test_true_fisher_is_symmetric_psd_and_blocks_are_slices(to_xp, case):
     net, params, x, _ = case
-    F = true_fisher(net, params, x)
+    d_params, d_x = _moved(to_xp, params, x)
+    d_F = true_fisher(net, d_params, d_x)
+    F = to_numpy(d_F)
     assert _rel(F, F.T) < EXACT_RTOL
     eig = np.linalg.eigvalsh(0.5 * (F + F.T))
     assert eig.min() >= -PSD_TOL * max(1.0, eig.max())
-    blocks = fisher_blocks(F, net)
+    blocks = [to_numpy(b) for b in fisher_blocks(d_F, net)]
     assert [b.shape[0] for b in blocks] == [r * c for _, (r, c) in net.param_sizes()]
-    theta = net.flatten(params)
+    theta = to_numpy(net.flatten(d_params))
     for s, i in zip(net.param_slices(), net.param_layers):
         np.testing.assert_array_equal(theta[s], params[i].ravel(order="F"))
     start = 0
@@ -157,29 +165,30 @@ def test_true_fisher_is_symmetric_psd_and_blocks_are_slices(case):
         start += b.shape[0]
 
 
-def test_expected_gamma_equals_loop_twin():
+def test_expected_gamma_equals_loop_twin(to_xp):
     net = tiny_net()
-    params = net.init(3, "float64")
-    x = np.random.default_rng(3).normal(size=(3,) + net.input_shape)
-    p, per_class = class_records(net, params, x)
-    DS = np.stack([records[0].DS for records in per_class])          # (C, N, |T|, I)
+    params, x = _moved(to_xp, net.init(3, "float64"),
+                       np.random.default_rng(3).normal(size=(3,) + net.input_shape))
+    d_p, per_class = class_records(net, params, x)
+    p = to_numpy(d_p)
+    DS = np.stack([to_numpy(records[0].DS) for records in per_class])  # (C, N, |T|, I)
     twin = sum(p[n, c] * DS[c, n].T @ DS[c, n]
                for n in range(3) for c in range(p.shape[1])) / (3 * DS.shape[2])
-    np.testing.assert_allclose(expected_gamma(p, DS), twin, rtol=EXACT_RTOL)
+    np.testing.assert_allclose(to_numpy(expected_gamma(d_p, to_xp(DS))), twin, rtol=EXACT_RTOL)
     # with one class of probability one it is the plain Gram estimator
-    np.testing.assert_allclose(expected_gamma(np.ones((3, 1)), DS[:1]),
-                               gamma_from_derivatives(DS[0]), rtol=EXACT_RTOL)
+    np.testing.assert_allclose(to_numpy(expected_gamma(to_xp(np.ones((3, 1))), to_xp(DS[:1]))),
+                               to_numpy(gamma_from_derivatives(to_xp(DS[0]))), rtol=EXACT_RTOL)
 
 
 # --------------------------------------------------------------------------- (d)
-def test_monte_carlo_fisher_converges_like_inverse_sqrt_k():
+def test_monte_carlo_fisher_converges_like_inverse_sqrt_k(to_xp):
     net = tiny_net()
-    params = net.init(0, "float64")
-    x = np.random.default_rng(1).normal(size=(16,) + net.input_shape)
-    F = true_fisher(net, params, x)
+    params, x = _moved(to_xp, net.init(0, "float64"),
+                       np.random.default_rng(1).normal(size=(16,) + net.input_shape))
+    F = to_numpy(true_fisher(net, params, x))
     rng = np.random.default_rng(7)
-    err4 = np.linalg.norm(monte_carlo_fisher(net, params, x, 4, rng) - F)
-    err64 = np.linalg.norm(monte_carlo_fisher(net, params, x, 64, rng) - F)
+    err4 = np.linalg.norm(to_numpy(monte_carlo_fisher(net, params, x, 4, rng)) - F)
+    err64 = np.linalg.norm(to_numpy(monte_carlo_fisher(net, params, x, 64, rng)) - F)
     lo, hi = MC_RATIO_BOUNDS
     assert lo <= err64 / err4 <= hi, (err4, err64)
 
@@ -196,19 +205,19 @@ def test_monte_carlo_fisher_is_reproducible_and_symmetric(to_xp):
 
 # --------------------------------------------------------------------------- (e)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kl_is_half_the_fisher_quadratic_form(seed):
+def test_kl_is_half_the_fisher_quadratic_form(to_xp, seed):
     net = tiny_net()
     rng = np.random.default_rng(seed)
     params = net.init(rng, "float64")
-    x = rng.normal(size=(5,) + net.input_shape)
-    F = true_fisher(net, params, x)
+    params, x = _moved(to_xp, params, rng.normal(size=(5,) + net.input_shape))
+    F = to_numpy(true_fisher(net, params, x))
     v = rng.normal(size=net.num_params)
     v /= np.linalg.norm(v)
     theta = net.flatten(params)
     logits = net.forward(params, x).output
     quad = 0.5 * v @ F @ v
     for eps in (1e-2, 1e-3):
-        moved = net.forward(net.unflatten(theta + eps * v), x).output
+        moved = net.forward(net.unflatten(theta + to_xp(eps * v)), x).output
         kl = float(kl_divergence(logits, moved))
         assert abs(kl / (eps**2 * quad) - 1) <= KL_SLOPE * eps, (eps, kl, eps**2 * quad)
 
@@ -228,17 +237,17 @@ def test_empirical_fisher_is_a_different_object(to_xp):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8,) + net.input_shape)
     y = rng.integers(0, 3, 8)
-    G = per_example_gradients(net, params, x, y)
-    E = to_numpy(empirical_fisher(net, [to_xp(p) for p in params], to_xp(x), to_xp(y)))
+    d_params, d_x, d_y = _moved(to_xp, params, x, y)
+    G = to_numpy(per_example_gradients(net, d_params, d_x, d_y))
+    E = to_numpy(empirical_fisher(net, d_params, d_x, d_y))
     np.testing.assert_allclose(E, G.T @ G / 8, rtol=EXACT_RTOL)
-    assert _rel(E, true_fisher(net, params, x)) > 1e-1
+    assert _rel(E, to_numpy(true_fisher(net, d_params, d_x))) > 1e-1
 
 
 # --------------------------------------------------------------------------- (g)
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(to_xp):
     net = tiny_net()
-    params = net.init(0, "float64")
-    x = np.zeros((2,) + net.input_shape)
+    params, x = _moved(to_xp, net.init(0, "float64"), np.zeros((2,) + net.input_shape))
     rng = np.random.default_rng(0)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_samples"):
@@ -246,13 +255,13 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="rng"):
         monte_carlo_fisher(net, params, x, 1, 42)
     with pytest.raises(ValueError, match="y holds labels"):
-        per_example_gradients(net, params, x, np.array([0, 3]))
+        per_example_gradients(net, params, x, to_xp(np.array([0, 3])))
     with pytest.raises(ValueError, match="y must have shape"):
-        per_example_gradients(net, params, x, np.array([0]))
+        per_example_gradients(net, params, x, to_xp(np.array([0])))
     with pytest.raises(ValueError, match="F must have shape"):
-        fisher_blocks(np.zeros((3, 3)), net)
+        fisher_blocks(to_xp(np.zeros((3, 3))), net)
     with pytest.raises(ValueError, match="same shape"):
-        kl_divergence(np.zeros((2, 3)), np.zeros((2, 4)))
+        kl_divergence(to_xp(np.zeros((2, 3))), to_xp(np.zeros((2, 4))))
 
 
 # --------------------------------------------------------------------------- backends, bench
@@ -284,6 +293,8 @@ def test_core_path_runs_in_the_module_under_test(to_xp, xp_name):
         assert a.name == b.name and a.rel_error == pytest.approx(b.rel_error, rel=1e-9)
 
 
+@pytest.mark.host_only("bench_exact_fisher and ladder_report are CPU benchmarks (time and "
+                       "tracemalloc peak memory of host arrays)")
 def test_benchmarks_run_in_quick_mode(capsys):
     from kfc_ref.experiments.bench.curvature import bench_exact_fisher, ladder_report
 

@@ -37,13 +37,15 @@ KL_EPS = 1e-4
 KL_RTOL = 1e-5
 
 
-def check_jvp(layer, x, dx, W=None, dW=None, ctx_factory=lambda: None):
-    """layer.jvp(dx, dW) vs d/dt forward(x + t dx, W + t dW) at t = 0 (centred differences)."""
+def check_jvp(to_xp, layer, x, dx, W=None, dW=None, ctx_factory=lambda: None):
+    """layer.jvp(dx, dW) vs d/dt forward(x + t dx, W + t dW) at t = 0 (centred differences).
+    The layer runs on the --xp module (``to_xp``); the differences are taken on the host."""
     def along(t):
-        return layer.forward(x + t * dx, None if W is None else W + t * dW, ctx_factory())[0]
+        return to_numpy(layer.forward(to_xp(x + t * dx), None if W is None else to_xp(W + t * dW),
+                                      ctx_factory())[0])
 
-    _, cache = layer.forward(x, W, ctx_factory())
-    got = layer.jvp(dx, cache, W, dW)
+    _, cache = layer.forward(to_xp(x), to_xp(W), ctx_factory())
+    got = to_numpy(layer.jvp(to_xp(dx), cache, to_xp(W), to_xp(dW)))
     want = directional_fd(along, 0.0, 1.0)
     np.testing.assert_allclose(got, want, rtol=FD_RTOL, atol=FD_ATOL)
 
@@ -51,61 +53,62 @@ def check_jvp(layer, x, dx, W=None, dW=None, ctx_factory=lambda: None):
 # --------------------------------------------------------------------------- (a) layer jvps
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
        st.integers(1, 3), st.integers(0, 2), st.integers(0, 3), st.integers(0, 2**31))
-def test_conv2d_jvp_matches_finite_differences(n, j, i, k, stride, padding, extra, seed):
+def test_conv2d_jvp_matches_finite_differences(to_xp, n, j, i, k, stride, padding, extra,
+                                               seed):
     rng = np.random.default_rng(seed)
     h = max(k - 2 * padding, 1) + extra
     layer = Conv2d(j, i, k, stride=stride, padding=padding)
     x, dx = rng.standard_normal((2, n, j, h, h + 1))
     W, dW = rng.standard_normal((2,) + layer.param_shape)
-    check_jvp(layer, x, dx, W, dW)
+    check_jvp(to_xp, layer, x, dx, W, dW)
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**31))
-def test_dense_jvp_matches_finite_differences(n, j, i, seed):
+def test_dense_jvp_matches_finite_differences(to_xp, n, j, i, seed):
     rng = np.random.default_rng(seed)
     layer = Dense(j, i)
     x, dx = rng.standard_normal((2, n, j))
     W, dW = rng.standard_normal((2,) + layer.param_shape)
-    check_jvp(layer, x, dx, W, dW)
+    check_jvp(to_xp, layer, x, dx, W, dW)
 
 
 @given(st.integers(0, 2**31))
-def test_relu_and_tanh_jvp_match_finite_differences(seed):
+def test_relu_and_tanh_jvp_match_finite_differences(to_xp, seed):
     rng = np.random.default_rng(seed)
     # |x| >= 0.1 keeps every entry 1e5 perturbation steps away from the kink at 0.
     x = rng.choice([-1.0, 1.0], size=(2, 3, 4, 4)) * (0.1 + rng.random((2, 3, 4, 4)))
     dx = rng.uniform(-1, 1, x.shape)
-    check_jvp(ReLU(), x, dx)
-    check_jvp(Tanh(), x, dx)
+    check_jvp(to_xp, ReLU(), x, dx)
+    check_jvp(to_xp, Tanh(), x, dx)
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.booleans(), st.integers(0, 3),
        st.integers(0, 2**31))
-def test_pool_jvps_match_finite_differences(size, stride, ceil_mode, extra, seed):
+def test_pool_jvps_match_finite_differences(to_xp, size, stride, ceil_mode, extra, seed):
     rng = np.random.default_rng(seed)
     h = size + extra
     shape = (2, 2, h, h + 1)
     # Distinct values 0.01 apart: no ties, and no perturbation of size FD_EPS reorders them.
     x = rng.permutation(int(np.prod(shape))).reshape(shape) * 0.01
     dx = rng.uniform(-1, 1, shape)
-    check_jvp(MaxPool2d(size, stride, ceil_mode=ceil_mode), x, dx)
-    check_jvp(AvgPool2d(size, stride, ceil_mode=ceil_mode), x, dx)
+    check_jvp(to_xp, MaxPool2d(size, stride, ceil_mode=ceil_mode), x, dx)
+    check_jvp(to_xp, AvgPool2d(size, stride, ceil_mode=ceil_mode), x, dx)
 
 
 @given(st.integers(1, 4), st.floats(0.1, 2.0), st.floats(0.5, 1.0), st.integers(0, 2**31))
-def test_response_norm_jvp_matches_finite_differences(size, scale, power, seed):
+def test_response_norm_jvp_matches_finite_differences(to_xp, size, scale, power, seed):
     rng = np.random.default_rng(seed)
     x, dx = rng.standard_normal((2, 2, 3, 5, 4))
-    check_jvp(ResponseNorm(size, scale, power), x, dx)
+    check_jvp(to_xp, ResponseNorm(size, scale, power), x, dx)
 
 
 @given(st.floats(0.0, 0.9), st.integers(0, 2**31))
-def test_flatten_and_dropout_jvp_match_finite_differences(rate, seed):
+def test_flatten_and_dropout_jvp_match_finite_differences(to_xp, rate, seed):
     rng = np.random.default_rng(seed)
     x, dx = rng.standard_normal((2, 2, 3, 4, 4))
-    check_jvp(Flatten(), x, dx)
+    check_jvp(to_xp, Flatten(), x, dx)
     # A fixed mask: every forward pass draws it from a fresh generator with the same seed.
-    check_jvp(Dropout(rate), x, dx,
+    check_jvp(to_xp, Dropout(rate), x, dx,
               ctx_factory=lambda: Context(train=True, rng=np.random.default_rng(seed)))
 
 
@@ -166,12 +169,13 @@ def test_fisher_quadratic_equals_dense_fisher(to_xp, seed):
                                rtol=DENSE_RTOL)
     # The backprop-built true Fisher (one backward pass per class, kfc_ref.curvature.fisher)
     # agrees too.
-    np.testing.assert_allclose(fisher_quadratic(net, params, x, u, v),
-                               fu @ true_fisher(net, params, x) @ fv, rtol=DENSE_RTOL)
+    np.testing.assert_allclose(float(fisher_quadratic(net, d_params, d_x, d_u, d_v)),
+                               fu @ to_numpy(true_fisher(net, d_params, d_x)) @ fv,
+                               rtol=DENSE_RTOL)
     # Negative control: F_R = diag(p) alone (dropping -p p^T) is a different quadratic form.
-    logits = net.forward(params, x).output
-    p = softmax(logits)
-    ju = net.jvp(params, net.forward(params, x), u)
+    tape = net.forward(d_params, d_x)
+    p = to_numpy(softmax(tape.output))
+    ju = to_numpy(net.jvp(d_params, tape, d_u))
     wrong = float(np.sum(p * ju * ju)) / x.shape[0]
     assert abs(wrong - fu @ F @ fu) > 1e3 * DENSE_RTOL * abs(fu @ F @ fu)
 
@@ -181,13 +185,15 @@ def kl(net, params_a, params_b, x):
 
 
 @pytest.mark.parametrize("seed", [2, 3])
-def test_quadratic_form_is_second_derivative_of_kl(seed):
+def test_quadratic_form_is_second_derivative_of_kl(to_xp, seed):
     net, params, x, u, _ = setup(seed)
+    params, u = _on(to_xp, params, u)
+    x = to_xp(x)
     theta, fu = net.flatten(params), net.flatten(u)
     plus = kl(net, params, net.unflatten(theta + KL_EPS * fu), x)
     minus = kl(net, params, net.unflatten(theta - KL_EPS * fu), x)
-    np.testing.assert_allclose((plus + minus) / KL_EPS**2, fisher_quadratic(net, params, x, u),
-                               rtol=KL_RTOL)
+    np.testing.assert_allclose((plus + minus) / KL_EPS**2,
+                               float(fisher_quadratic(net, params, x, u)), rtol=KL_RTOL)
 
 
 def test_fisher_gram_is_symmetric_psd_and_pairwise(to_xp):
@@ -197,26 +203,29 @@ def test_fisher_gram_is_symmetric_psd_and_pairwise(to_xp):
     G = to_numpy(fisher_gram(net, d_params, to_xp(x), [d_u, d_v, d_w]))
     np.testing.assert_array_equal(G, G.T)
     assert np.linalg.eigvalsh(G).min() > -1e-12 * np.abs(G).max()   # w is in span(u, v)
-    dirs = [u, v, w]
+    dirs = [d_u, d_v, d_w]
     for a in range(3):
         for b in range(3):
-            np.testing.assert_allclose(G[a, b], fisher_quadratic(net, params, x, dirs[a],
-                                                                 dirs[b]), rtol=1e-12)
+            np.testing.assert_allclose(
+                G[a, b], float(fisher_quadratic(net, d_params, to_xp(x), dirs[a], dirs[b])),
+                rtol=1e-12)
 
 
-def test_partial_directions_and_bad_directions():
+def test_partial_directions_and_bad_directions(to_xp):
     net, params, x, u, _ = setup(5)
+    params, u = _on(to_xp, params, u)
+    x = to_xp(x)
     only_last = [None] * len(u)
     only_last[net.param_layers[-1]] = u[net.param_layers[-1]]
-    full = [None if a is None else np.zeros_like(a) for a in u]
+    full = [None if a is None else to_xp(np.zeros(a.shape)) for a in u]
     full[net.param_layers[-1]] = u[net.param_layers[-1]]
-    np.testing.assert_allclose(fisher_quadratic(net, params, x, only_last),
-                               fisher_quadratic(net, params, x, full), rtol=1e-12)
-    assert fisher_quadratic(net, params, x, [None] * len(u)) == 0.0
+    np.testing.assert_allclose(float(fisher_quadratic(net, params, x, only_last)),
+                               float(fisher_quadratic(net, params, x, full)), rtol=1e-12)
+    assert float(fisher_quadratic(net, params, x, [None] * len(u))) == 0.0
     with pytest.raises(ValueError, match="direction has 2 entries"):
         fisher_quadratic(net, params, x, u[:2])
     bad = list(u)
-    bad[0] = np.zeros((1, 1))
+    bad[0] = to_xp(np.zeros((1, 1)))
     with pytest.raises(ValueError, match=r"direction\[0\] has shape \(1, 1\)"):
         fisher_quadratic(net, params, x, bad)
     with pytest.raises(ValueError, match="at least one"):

@@ -42,28 +42,34 @@ def model_change(net, params, tape, g, total, delta):
     return inner(g, delta) + 0.5 * (quad + total * inner(delta, delta))
 
 
-def directions(seed):
-    net, params, x, y = tiny_problem(seed)
+def device_problem(to_xp, seed, n=8):
+    """test_optim's tiny problem, moved to the --xp module."""
+    net, params, x, y = tiny_problem(seed, n=n)
+    return net, [to_xp(p) for p in params], to_xp(x), to_xp(y)
+
+
+def directions(to_xp, seed):
+    net, params, x, y = device_problem(to_xp, seed)
     rng = np.random.default_rng(seed + 100)
     _, g, _ = loss_and_decayed_gradient(net, params, x, y, 1e-3,
                                         BatchShard.of(None, len(y), rng))
-    Delta = [-gl + 0.3 * rng.standard_normal(gl.shape) for gl in g]
-    delta0 = [0.5 * rng.standard_normal(gl.shape) for gl in g]
+    Delta = [-gl + to_xp(0.3 * rng.standard_normal(gl.shape)) for gl in g]
+    delta0 = [to_xp(0.5 * rng.standard_normal(gl.shape)) for gl in g]
     return net, params, x, g, Delta, delta0
 
 
 # --------------------------------------------------------------------------- (a)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_alpha_mu_minimise_the_quadratic_model_on_a_grid(seed):
-    net, params, x, g, Delta, delta0 = directions(seed)
+def test_alpha_mu_minimise_the_quadratic_model_on_a_grid(to_xp, seed):
+    net, params, x, g, Delta, delta0 = directions(to_xp, seed)
     total = 0.05
     tape = net.forward(params, x)
     jvps = [output_jvp(net, params, tape, expand(net, d)) for d in (Delta, delta0)]
     c, change = quadratic_model_step(tape.output, g, [Delta, delta0], jvps, total)
 
     def M(a, m):
-        return model_change(net, params, tape, g, total,
-                            [a * D + m * d for D, d in zip(Delta, delta0)])
+        return float(model_change(net, params, tape, g, total,
+                                  [a * D + m * d for D, d in zip(Delta, delta0)]))
 
     best = M(*c)
     np.testing.assert_allclose(change, best, rtol=MODEL_RTOL)
@@ -76,20 +82,21 @@ def test_alpha_mu_minimise_the_quadratic_model_on_a_grid(seed):
     assert abs(grid[ia] - c[0]) <= step and abs(grid[im] - c[1]) <= step
 
 
-def test_first_step_uses_the_one_dimensional_formula():
-    net, params, x, g, Delta, _ = directions(2)
-    zero = [np.zeros_like(d) for d in Delta]
+def test_first_step_uses_the_one_dimensional_formula(to_xp):
+    net, params, x, g, Delta, _ = directions(to_xp, 2)
+    zero = [to_xp(np.zeros(d.shape)) for d in Delta]
     total = 0.1
     tape = net.forward(params, x)
     jvps = [output_jvp(net, params, tape, expand(net, d)) for d in (Delta, zero)]
     c, change = quadratic_model_step(tape.output, g, [Delta, zero], jvps, total)
-    alpha = -inner(g, Delta) / (fisher_quadratic(net, params, x, expand(net, Delta))
-                                + total * inner(Delta, Delta))
+    alpha = float(-inner(g, Delta) / (fisher_quadratic(net, params, x, expand(net, Delta))
+                                      + total * inner(Delta, Delta)))
     assert c[1] == 0.0
     np.testing.assert_allclose(c[0], alpha, rtol=MODEL_RTOL)
-    np.testing.assert_allclose(change, 0.5 * alpha * inner(g, Delta), rtol=MODEL_RTOL)
+    np.testing.assert_allclose(change, 0.5 * alpha * float(inner(g, Delta)), rtol=MODEL_RTOL)
 
 
+@pytest.mark.host_only("solve_quadratic_model is K-FAC's host-side R x R solve (R <= 2)")
 @given(st.lists(st.floats(-3, 3), min_size=6, max_size=6))
 def test_host_solver_is_stationary(vals):
     A = np.array(vals[:4]).reshape(2, 2)
@@ -102,6 +109,7 @@ def test_host_solver_is_stationary(vals):
     np.testing.assert_allclose(q, d @ c + 0.5 * c @ C @ c, atol=1e-9 * (1 + abs(q)))
 
 
+@pytest.mark.host_only("solve_quadratic_model is K-FAC's host-side R x R solve (R <= 2)")
 def test_host_solver_degenerate_directions():
     c, q = solve_quadratic_model([[1.0, 2.0], [2.0, 4.0]], [1.0, 2.0])   # delta_0 = 2 Delta
     assert c.tolist() == [-1.0, 0.0] and q == -0.5
@@ -114,14 +122,15 @@ def test_host_solver_degenerate_directions():
                                         (0.75, 1.0), (0.5, 1.0), (0.25, 1.0),
                                         (0.2, 1 / OMEGA1), (-1.0, 1 / OMEGA1),
                                         (float("nan"), 1 / OMEGA1)])
+@pytest.mark.host_only("levenberg_marquardt is a rule on Python floats")
 def test_levenberg_marquardt_rule(rho, factor):
     assert levenberg_marquardt(150.0, rho) == pytest.approx(150.0 * factor, rel=1e-15)
     new = levenberg_marquardt(150.0, rho)
     assert (new < 150.0) == (rho > 0.75) and (new > 150.0) == (not rho >= 0.25)
 
 
-def test_lambda_follows_rho_inside_kfac():
-    net, params, x, y = tiny_problem(3, n=16)
+def test_lambda_follows_rho_inside_kfac(to_xp):
+    net, params, x, y = device_problem(to_xp, 3, n=16)
     r = 1e-3
     opt = KFAC(initial_lambda=1.0, weight_decay=r, lm_period=1)
     state, rng = opt.init_state(net, params), np.random.default_rng(0)
@@ -129,7 +138,7 @@ def test_lambda_follows_rho_inside_kfac():
     def h(ps):
         loss, _ = softmax_cross_entropy(net.forward(ps, x).output, y)
         ws = compact(net, ps)
-        return float(loss) + 0.5 * r * inner(ws, ws)
+        return float(loss) + 0.5 * r * float(inner(ws, ws))
 
     moved = set()
     for _ in range(8):
@@ -144,8 +153,8 @@ def test_lambda_follows_rho_inside_kfac():
 
 
 # --------------------------------------------------------------------------- (c)
-def test_greedy_gamma_keeps_the_smallest_model_value():
-    net, params, x, y = tiny_problem(4, n=16)
+def test_greedy_gamma_keeps_the_smallest_model_value(to_xp):
+    net, params, x, y = device_problem(to_xp, 4, n=16)
     opt = KFAC(initial_lambda=1.0, damping=2.0, gamma_period=1, inverse_period=1,
                curvature_fraction=1.0, lm_period=NEVER)
     rng = np.random.default_rng(0)
@@ -174,8 +183,7 @@ def test_greedy_gamma_keeps_the_smallest_model_value():
 @pytest.mark.parametrize("convention", ["sqrt", "literal"])
 def test_exact_damping_equals_dense_solve(to_xp, convention):
     """K-FAC's direction on the --xp module; the dense reference on the host."""
-    net, params, x, y = tiny_problem(5)
-    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
+    net, params, x, y = device_problem(to_xp, 5)
     opt = KFAC(damping_convention=convention)
     rng = np.random.default_rng(0)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
@@ -197,8 +205,7 @@ def test_exact_damping_equals_dense_solve(to_xp, convention):
 
 # --------------------------------------------------------------------------- (e)
 def test_eigendecomposition_refresh_schedule_and_initial_gamma(to_xp):
-    net, params, x, y = tiny_problem(6)
-    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
+    net, params, x, y = device_problem(to_xp, 6)
     opt = KFAC(inverse_period=4, gamma_period=4, weight_decay=1e-2)
     state, rng = opt.init_state(net, params), np.random.default_rng(0)
     assert state.gamma == math.sqrt(150.0 + 1e-2) and state.lam == 150.0
@@ -224,6 +231,7 @@ def test_kfac_reduces_digits_training_loss(digits):  # noqa: F811 (fixture)
     ({"initial_lambda": 0.0}, r"initial_lambda=0\.0"),
     ({"curvature_fraction": 0.0}, r"curvature_fraction=0\.0"),
 ])
+@pytest.mark.host_only("constructor argument validation, no arrays")
 def test_bad_kfac_hyperparameters_are_named(kw, match):
     with pytest.raises(ArgumentError, match=match):
         KFAC(**kw)

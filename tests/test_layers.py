@@ -93,6 +93,7 @@ def test_pooling_forward_and_backward(kind, case, seed, to_xp):
     assert_vjp_matches(_on_host(layer, to_xp), x, dout, dx, seed)
 
 
+@pytest.mark.host_only("output-shape arithmetic, no arrays")
 def test_cuda_convnet_pool_sizes():
     """Overlapping 3x3 stride-2 pools with partial border windows: 32 -> 16 -> 8 -> 4."""
     shapes = [(1, 32, 32)]
@@ -152,21 +153,23 @@ def _first_maximiser_loops(x, size, stride, ceil_mode):
 
 
 @given(case=pool_cases(), seed=seeds)
-def test_max_pool_ties_go_to_the_first_maximiser_on_both_paths(case, seed):
+def test_max_pool_ties_go_to_the_first_maximiser_on_both_paths(to_xp, case, seed):
     """Integer inputs with many ties: NumPy's separable passes and the gathered-window argmax
-    (guarded namespace, the GPU path) both pick the row-major first maximiser of the loops."""
+    (guarded namespace, the GPU path; and the --xp module, CuPy itself under --xp cupy) all
+    pick the row-major first maximiser of the loops."""
     layer = MaxPool2d(case["size"], case["stride"], case["ceil_mode"])
     x = np.random.default_rng(seed).integers(0, 3, (case["n"], case["c"], case["h"],
                                                     case["w"])).astype(np.float64)
     ref = _first_maximiser_loops(x, case["size"], case["stride"], case["ceil_mode"])
     out, cache = layer.forward(x)
     np.testing.assert_array_equal(cache[0], ref)
-    g_out, g_cache = layer.forward(asguarded(x))
-    np.testing.assert_array_equal(to_numpy(g_cache[0]), ref)
-    np.testing.assert_array_equal(to_numpy(g_out), out)
     dout = normal(seed, *out.shape)
-    np.testing.assert_array_equal(to_numpy(layer.backward(asguarded(dout), g_cache)[0]),
-                                  layer.backward(dout, cache)[0])
+    for move in (asguarded, to_xp):
+        g_out, g_cache = layer.forward(move(x))
+        np.testing.assert_array_equal(to_numpy(g_cache[0]), ref)
+        np.testing.assert_array_equal(to_numpy(g_out), out)
+        np.testing.assert_array_equal(to_numpy(layer.backward(move(dout), g_cache)[0]),
+                                      layer.backward(dout, cache)[0])
 
 
 @pytest.mark.parametrize("make", [
@@ -174,50 +177,59 @@ def test_max_pool_ties_go_to_the_first_maximiser_on_both_paths(case, seed):
     lambda c: AvgPool2d(c["size"], c["stride"], c["ceil_mode"]),
     lambda c: ResponseNorm(c["size"] + 1, 2.0, 0.75)])
 @given(case=pool_cases(), seed=seeds)
-def test_gather_path_equals_the_numpy_path(make, case, seed):
+def test_gather_path_equals_the_numpy_path(to_xp, make, case, seed):
     """forward, backward, jvp and the tape-free ``infer`` of the pools and rnorm: the
-    few-launch formulation (gathers and scatter-adds, run here on the guarded namespace)
-    equals the separable NumPy formulation."""
+    few-launch formulation (gathers and scatter-adds, run here on the guarded namespace and
+    on the --xp module, CuPy itself under --xp cupy) equals the separable NumPy formulation."""
     layer = make(case)
     x = distinct(seed, case["n"], case["c"], case["h"], case["w"])
     out, cache = layer.forward(x)
-    g_out, g_cache = layer.forward(asguarded(x))
-    np.testing.assert_allclose(to_numpy(g_out), out, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
-    np.testing.assert_allclose(to_numpy(layer.infer(asguarded(x))), out, rtol=FORWARD_RTOL,
-                               atol=FORWARD_RTOL)
     np.testing.assert_array_equal(layer.infer(x), out)
     dout, dx = normal(seed + 1, *out.shape), normal(seed + 2, *x.shape)
-    np.testing.assert_allclose(to_numpy(layer.backward(asguarded(dout), g_cache)[0]),
-                               layer.backward(dout, cache)[0], rtol=FORWARD_RTOL,
-                               atol=FORWARD_RTOL)
-    np.testing.assert_allclose(to_numpy(layer.jvp(asguarded(dx), g_cache)),
-                               layer.jvp(dx, cache), rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+    for move in (asguarded, to_xp):
+        g_out, g_cache = layer.forward(move(x))
+        np.testing.assert_allclose(to_numpy(g_out), out, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
+        np.testing.assert_allclose(to_numpy(layer.infer(move(x))), out, rtol=FORWARD_RTOL,
+                                   atol=FORWARD_RTOL)
+        np.testing.assert_allclose(to_numpy(layer.backward(move(dout), g_cache)[0]),
+                                   layer.backward(dout, cache)[0], rtol=FORWARD_RTOL,
+                                   atol=FORWARD_RTOL)
+        np.testing.assert_allclose(to_numpy(layer.jvp(move(dx), g_cache)),
+                                   layer.jvp(dx, cache), rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
 
 
 @given(conv_cases(max_batch=2, max_size=6), seeds)
-def test_conv_channel_major_equals_nchw_and_skips_the_input_gradient(case, seed):
+def test_conv_channel_major_equals_nchw_and_skips_the_input_gradient(to_xp, case, seed):
     """The network's channel-major layout gives the same output, weight gradient, input
-    gradient and jvp as the public (N, J, H, W) layout; ``input_grad=False`` drops only dx."""
+    gradient and jvp as the public (N, J, H, W) layout; ``input_grad=False`` drops only dx.
+    Both layouts run on the --xp module; compared on the host."""
     layer = _conv(case)
     x = normal(seed, case["n"], case["j"], case["h"], case["w"])
-    W = normal(seed + 1, *layer.param_shape)
-    out, cache = layer.forward(x, W)
-    x_cm = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
-    out_cm, cache_cm = layer.forward(x_cm, W, Context(channel_major=True))
-    np.testing.assert_allclose(out_cm.transpose(1, 0, 2, 3), out, rtol=FORWARD_RTOL,
+    W = to_xp(normal(seed + 1, *layer.param_shape))
+
+    def channel_major(a):
+        return to_xp(np.ascontiguousarray(a.transpose(1, 0, 2, 3)))
+
+    def from_channel_major(a):
+        return to_numpy(a).transpose(1, 0, 2, 3)
+
+    out, cache = layer.forward(to_xp(x), W)
+    out_cm, cache_cm = layer.forward(channel_major(x), W, Context(channel_major=True))
+    np.testing.assert_allclose(from_channel_major(out_cm), to_numpy(out), rtol=FORWARD_RTOL,
                                atol=FORWARD_RTOL)
-    np.testing.assert_array_equal(Conv2d.patches(cache_cm), Conv2d.patches(cache))
+    np.testing.assert_array_equal(to_numpy(Conv2d.patches(cache_cm)),
+                                  to_numpy(Conv2d.patches(cache)))
     dout = normal(seed + 2, *out.shape)
-    dx, dW = layer.backward(dout, cache, W)
-    dx_cm, dW_cm = layer.backward(np.ascontiguousarray(dout.transpose(1, 0, 2, 3)), cache_cm, W)
-    np.testing.assert_allclose(dx_cm.transpose(1, 0, 2, 3), dx, rtol=FORWARD_RTOL,
+    dx, dW = layer.backward(to_xp(dout), cache, W)
+    dx_cm, dW_cm = layer.backward(channel_major(dout), cache_cm, W)
+    np.testing.assert_allclose(from_channel_major(dx_cm), to_numpy(dx), rtol=FORWARD_RTOL,
                                atol=FORWARD_RTOL)
-    np.testing.assert_allclose(dW_cm, dW, rtol=FORWARD_RTOL, atol=FORWARD_RTOL)
-    none, dW_only = layer.backward(dout, cache, W, input_grad=False)
+    np.testing.assert_allclose(to_numpy(dW_cm), to_numpy(dW), rtol=FORWARD_RTOL,
+                               atol=FORWARD_RTOL)
+    none, dW_only = layer.backward(to_xp(dout), cache, W, input_grad=False)
     assert none is None
-    np.testing.assert_array_equal(dW_only, dW)
+    np.testing.assert_array_equal(to_numpy(dW_only), to_numpy(dW))
     v = normal(seed + 3, *x.shape)
     np.testing.assert_allclose(
-        layer.jvp(np.ascontiguousarray(v.transpose(1, 0, 2, 3)), cache_cm, W, dW)
-        .transpose(1, 0, 2, 3), layer.jvp(v, cache, W, dW), rtol=FORWARD_RTOL,
-        atol=FORWARD_RTOL)
+        from_channel_major(layer.jvp(channel_major(v), cache_cm, W, dW)),
+        to_numpy(layer.jvp(to_xp(v), cache, W, dW)), rtol=FORWARD_RTOL, atol=FORWARD_RTOL)

@@ -43,9 +43,10 @@ def test_sampled_frequencies_match_the_softmax(to_xp):
     np.testing.assert_array_equal(labels, again)       # same seed, same labels
 
 
-def test_sampling_requires_a_generator_and_labels_are_checked():
+def test_sampling_requires_a_generator_and_labels_are_checked(to_xp):
     with pytest.raises(TypeError, match="numpy.random.Generator"):
-        sample_targets(np.zeros((2, 3)), 0)
+        sample_targets(to_xp(np.zeros((2, 3))), 0)
     with pytest.raises(ValueError, match=r"labels must have shape \(N,\) = \(2,\)"):
-        softmax_cross_entropy(np.zeros((2, 3)), np.zeros(3, dtype=int))
-    assert classification_error(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 0])) == 0.5
+        softmax_cross_entropy(to_xp(np.zeros((2, 3))), to_xp(np.zeros(3, dtype=int)))
+    assert float(classification_error(to_xp(np.array([[1.0, 0.0], [0.0, 1.0]])),
+                                      to_xp(np.array([0, 0])))) == 0.5

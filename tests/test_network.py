@@ -8,7 +8,7 @@ from kfc_ref.nn.losses import softmax_cross_entropy
 from kfc_ref.nn.models import build_model, cifar10_convnet, small_convnet, tiny_convnet
 from kfc_ref.nn.network import Sequential
 from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
-from kfc_ref.backend import to_numpy
+from kfc_ref.backend import get_xp, to_numpy
 from finite_differences import EPS, FD_RTOL, directional_fd
 from strategies import seeds
 
@@ -92,10 +92,11 @@ def test_records_hold_patches_and_per_example_derivatives(to_xp):
     np.testing.assert_array_equal(to_numpy(records[0].A_H[:, :, 0]), 1.0)
 
 
-def test_seeded_init_is_reproducible_and_models_have_the_documented_shapes():
-    a = cifar10_convnet().init(3)
-    b = cifar10_convnet().init(3)
-    assert all(np.array_equal(p, q) for p, q in zip(a, b) if p is not None)
+def test_seeded_init_is_reproducible_and_models_have_the_documented_shapes(device, xp):
+    a = cifar10_convnet().init(3, device=device)
+    b = cifar10_convnet().init(3, device=device)
+    assert all(get_xp(p) is xp for p in a if p is not None)
+    assert all(np.array_equal(to_numpy(p), to_numpy(q)) for p, q in zip(a, b) if p is not None)
     net = cifar10_convnet()
     assert [s[1] for s in net.shapes if len(s) == 3][::1][:1] == [32]
     spatial = [s[1:] for s in net.shapes if len(s) == 3]
@@ -107,24 +108,27 @@ def test_seeded_init_is_reproducible_and_models_have_the_documented_shapes():
         build_model("nope", (1, 8, 8), 10)
 
 
-def test_channel_major_engine_keeps_the_public_conventions():
+def test_channel_major_engine_keeps_the_public_conventions(to_xp):
     """Inside Sequential activations are (C, N, H, W); outputs, gradients, records, jvp and
     layer inputs equal a layer-by-layer run in the public (N, C, H, W) layout (where the first
     layer's input gradient is computed and thrown away), and the tape-free evaluation path
-    gives the same logits."""
+    gives the same logits.  Both runs on the --xp module, compared on the host."""
+    def close(a, b, **tol):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), **tol)
+
     net = every_layer_net()
-    params = net.init(5, "float64")
+    params = [None if p is None else to_xp(p) for p in net.init(5, "float64")]
     rng = np.random.default_rng(5)
-    x, y = rng.normal(size=(3, 2, 7, 7)), rng.integers(0, 5, 3)
+    x, y = to_xp(rng.normal(size=(3, 2, 7, 7))), to_xp(rng.integers(0, 5, 3))
     tape = net.forward(params, x)
     assert tape.channel_major
     h, caches = x, []
     for layer, W in zip(net.layers, params):
         h, cache = layer.forward(h, W)
         caches.append(cache)
-    np.testing.assert_allclose(tape.output, h, rtol=1e-12)
-    np.testing.assert_allclose(net.evaluate(params, x), h, rtol=1e-12)
-    np.testing.assert_allclose(net.predict_logits(params, x, batch_size=2), h, rtol=1e-12)
+    close(tape.output, h, rtol=1e-12)
+    close(net.evaluate(params, x), h, rtol=1e-12)
+    close(net.predict_logits(params, x, batch_size=2), h, rtol=1e-12)
     _, dlogits = softmax_cross_entropy(tape.output, y)
     grads, douts = net.backward(params, tape, dlogits)
     d, ref_grads, ref_douts = dlogits, [None] * len(net.layers), {}
@@ -133,31 +137,31 @@ def test_channel_major_engine_keeps_the_public_conventions():
             ref_douts[i] = d
         d, ref_grads[i] = net.layers[i].backward(d, caches[i], params[i])
     for i in net.param_layers:
-        np.testing.assert_allclose(grads[i], ref_grads[i], rtol=1e-10, atol=1e-14)
-        np.testing.assert_allclose(douts[i], ref_douts[i], rtol=1e-10, atol=1e-14)
+        close(grads[i], ref_grads[i], rtol=1e-10, atol=1e-14)
+        close(douts[i], ref_douts[i], rtol=1e-10, atol=1e-14)
     for rec, i in zip(net.records(tape, douts), net.param_layers):
-        np.testing.assert_array_equal(rec.patches, net.layers[i].patches(caches[i]))
-        np.testing.assert_allclose(rec.DS, net.layers[i].derivatives(ref_douts[i]) * 3,
-                                   rtol=1e-10, atol=1e-14)
+        np.testing.assert_array_equal(to_numpy(rec.patches),
+                                      to_numpy(net.layers[i].patches(caches[i])))
+        close(rec.DS, net.layers[i].derivatives(ref_douts[i]) * 3, rtol=1e-10, atol=1e-14)
     inputs = net.layer_inputs(params, x)
     assert [tuple(a.shape[1:]) for a in inputs] == [tuple(s) for s in net.shapes[:-1]]
-    np.testing.assert_array_equal(inputs[0], x)
-    dparams = [None if p is None else rng.normal(size=p.shape) for p in params]
+    np.testing.assert_array_equal(to_numpy(inputs[0]), to_numpy(x))
+    dparams = [None if p is None else to_xp(rng.normal(size=p.shape)) for p in params]
     jv, dd = net.jvp(params, tape, dparams), None
     for layer, W, dW, cache in zip(net.layers, params, dparams, caches):
         if dd is not None or dW is not None:
             dd = layer.jvp(dd, cache, W, dW)
-    np.testing.assert_allclose(jv, dd, rtol=1e-10, atol=1e-14)
+    close(jv, dd, rtol=1e-10, atol=1e-14)
 
 
-def test_a_layer_written_for_nchw_only_keeps_the_network_in_the_public_layout():
+def test_a_layer_written_for_nchw_only_keeps_the_network_in_the_public_layout(to_xp):
     """A custom layer that does not declare ``channel_major`` (it may read axis 1 as the
     channels) makes Sequential run every layer on (N, C, H, W) arrays."""
     from kfc_ref.nn.layers import Layer
 
     class ChannelScale(Layer):              # scales channel c by c + 1: needs axis 1 = C
         def forward(self, x, W=None, ctx=None):
-            scale = np.arange(1, x.shape[1] + 1).reshape(1, -1, 1, 1)
+            scale = get_xp(x).arange(1, x.shape[1] + 1).reshape(1, -1, 1, 1)
             return x * scale, scale
 
         def backward(self, dout, cache, W=None):
@@ -166,11 +170,11 @@ def test_a_layer_written_for_nchw_only_keeps_the_network_in_the_public_layout():
     net = Sequential([Conv2d(2, 3, 3, padding=1), ChannelScale(), Flatten(), Dense(27, 2)],
                      (2, 3, 3))
     assert not net.channel_major and every_layer_net().channel_major
-    params = net.init(0, "float64")
-    x = np.random.default_rng(0).normal(size=(2, 2, 3, 3))
+    params = [None if p is None else to_xp(p) for p in net.init(0, "float64")]
+    x = to_xp(np.random.default_rng(0).normal(size=(2, 2, 3, 3)))
     tape = net.forward(params, x)
     assert not tape.channel_major
     h = x
     for layer, W in zip(net.layers, params):
         h, _ = layer.forward(h, W)
-    np.testing.assert_allclose(tape.output, h, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(tape.output), to_numpy(h), rtol=1e-12)

@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+from test_figures import module_device  # noqa: F401 (fixture)
 
 from kfc_ref.experiments import tour
 from kfc_ref.__main__ import main as cli_main
@@ -14,9 +15,10 @@ SECTIONS = ("## Theorem checks", "## The SUD assumption measured", "## KFC-pre v
 
 
 @pytest.fixture(scope="module")
-def tour_run(tmp_path_factory):
+def tour_run(tmp_path_factory, module_device):  # noqa: F811 (fixture)
+    """The quick tour on the --xp device."""
     out = tmp_path_factory.mktemp("tour")
-    rc = cli_main(["tour", "--quick", "--out", str(out)])
+    rc = cli_main(["tour", "--quick", "--out", str(out), "--device", module_device])
     return rc, str(out)
 
 
@@ -49,11 +51,13 @@ def test_tour_writes_figures_and_runs(tour_run):
         assert os.path.exists(os.path.join(out, "runs", run, "metrics.csv"))
 
 
+@pytest.mark.host_only("CLI argument parsing")
 def test_tour_rejects_an_unknown_option():
     with pytest.raises(SystemExit):
         tour.main(["--no-such-option"])
 
 
+@pytest.mark.host_only("formats host metrics of stubbed runs")
 def test_summary_reports_a_diverged_run():
     from types import SimpleNamespace
     from kfc_ref.experiments.studies import QUICK
