@@ -11,7 +11,8 @@ arrays the tests build, through these fixtures:
 * ``to_xp(host_array)``: a host NumPy array moved into that module (None passes through);
 * ``device``: the device string for APIs that take one ('cpu' for numpy, 'gpu' otherwise;
   under ``guarded`` every ``namespace_for('gpu')`` in kfc_ref answers the guarded namespace,
-  so ``--device gpu`` code paths run on this CPU without CuPy).
+  so ``--device gpu`` code paths run on this CPU without CuPy);
+* ``module_device``: the same for module-scoped fixtures (one patch held per module).
 
 Tests keep their NumPy assertions: results come back with ``kfc_ref.backend.to_numpy``.
 
@@ -43,7 +44,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 XP_CHOICES = ("numpy", "guarded", "cupy")
-ARRAY_FIXTURES = {"xp", "to_xp", "device"}
+ARRAY_FIXTURES = {"xp", "to_xp", "device", "module_device"}
 
 
 def pytest_addoption(parser):
@@ -142,15 +143,29 @@ def _pretend_gpu(monkeypatch):
             monkeypatch.setattr(mod, "check_device", check_device)
 
 
-@pytest.fixture
-def device(xp_name, monkeypatch) -> str:
-    """The device string for APIs that take one: 'cpu' under numpy, else 'gpu'."""
+def _enter_device(xp_name, monkeypatch) -> str:
+    """The device string for --xp ``xp_name``, patching kfc_ref through ``monkeypatch`` under
+    guarded so that 'gpu' answers the guarded namespace."""
     if xp_name == "numpy":
         return "cpu"
     if xp_name == "guarded":
         _import_device_users()
         _pretend_gpu(monkeypatch)
     return "gpu"
+
+
+@pytest.fixture
+def device(xp_name, monkeypatch) -> str:
+    """The device string for APIs that take one: 'cpu' under numpy, else 'gpu'."""
+    return _enter_device(xp_name, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def module_device(xp_name, xp):
+    """``device`` for module-scoped fixtures (``device`` is per test): the same string, with
+    the guarded patch held for the whole module."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield _enter_device(xp_name, patch)
 
 
 def _import_device_users():

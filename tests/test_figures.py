@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-from conftest import _import_device_users, _pretend_gpu
 from kfc_ref.backend import to_numpy
 from kfc_ref.experiments import studies as ex
 from kfc_ref.experiments import figures
@@ -30,20 +29,6 @@ SAME_FUNCTION_TOL = 1e-10
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ("sud_derivatives", "sud_activations", "sud_summary", "exact_vs_kfc", "ladder",
          "training", "damping", "invariance")
-
-
-@pytest.fixture(scope="module")
-def module_device(xp_name, xp):
-    """conftest's ``device`` for module-scoped fixtures (that one is per test): 'cpu' under
-    --xp numpy, else 'gpu' (the guarded stand-in under --xp guarded, patched for the module)."""
-    if xp_name == "numpy":
-        yield "cpu"
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        if xp_name == "guarded":
-            _import_device_users()
-            _pretend_gpu(patch)
-        yield "gpu"
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +80,6 @@ def test_kfc_trajectories_coincide_and_sgd_ones_do_not(results):
     assert losses["KFC (undamped)"][-1] < losses["KFC (undamped)"][0]   # it does train
 
 
-@pytest.mark.host_only("studies.whitening returns host NumPy (U, c, V, d) for device "
-                       "activations, so dagger_params mixes them with device parameters")
 def test_whitening_reparameterisation_whitens_and_keeps_the_function(to_xp):
     rng = np.random.default_rng(0)
     x = to_xp(rng.normal(1.0, 2.0, size=(40, 1, 8, 8)))

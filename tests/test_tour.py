@@ -4,7 +4,6 @@ import os
 import re
 
 import pytest
-from test_figures import module_device  # noqa: F401 (fixture)
 
 from kfc_ref.experiments import tour
 from kfc_ref.__main__ import main as cli_main
@@ -15,7 +14,7 @@ SECTIONS = ("## Theorem checks", "## The SUD assumption measured", "## KFC-pre v
 
 
 @pytest.fixture(scope="module")
-def tour_run(tmp_path_factory, module_device):  # noqa: F811 (fixture)
+def tour_run(tmp_path_factory, module_device):
     """The quick tour on the --xp device."""
     out = tmp_path_factory.mktemp("tour")
     rc = cli_main(["tour", "--quick", "--out", str(out), "--device", module_device])
