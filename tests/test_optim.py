@@ -106,8 +106,9 @@ def test_kfc_pre_step_equals_dense_damped_solve(to_xp, seed, damping, weight_dec
                                   to_numpy(net.flatten(new_params)))
 
 
-def test_initial_factors_are_the_mean_of_batch_estimates():
+def test_initial_factors_are_the_mean_of_batch_estimates(to_xp):
     net, params, x, _ = tiny_problem(0)
+    params, x = [to_xp(p) for p in params], to_xp(x)
     opt = KFCPre(lr=0.1)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x[:4], x[4:]],
                                    np.random.default_rng(7))
@@ -117,13 +118,16 @@ def test_initial_factors_are_the_mean_of_batch_estimates():
             for xb in (x[:4], x[4:])]
     fa, fb = network_factors(ests[0]), network_factors(ests[1])
     for f, a, b in zip(state.factors, fa, fb):
-        np.testing.assert_allclose(f.Omega, (a.Omega + b.Omega) / 2, rtol=1e-14)
-        np.testing.assert_allclose(f.Gamma, (a.Gamma + b.Gamma) / 2, rtol=1e-14)
+        np.testing.assert_allclose(to_numpy(f.Omega), to_numpy((a.Omega + b.Omega) / 2),
+                                   rtol=1e-14)
+        np.testing.assert_allclose(to_numpy(f.Gamma), to_numpy((a.Gamma + b.Gamma) / 2),
+                                   rtol=1e-14)
     assert state.stats_count == 2 and state.inverses is not None
 
 
-def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
+def test_factor_estimates_on_a_subset_and_with_a_reused_tape(to_xp):
     net, params, x, _ = tiny_problem(8, n=12)
+    params, x = [to_xp(p) for p in params], to_xp(x)
     got = estimate_factors(net, params, x, np.random.default_rng(5), fraction=0.5)
     rng = np.random.default_rng(5)
     key = rng.integers(KEY_BOUND)               # the step's key, then the subset's rows
@@ -132,15 +136,15 @@ def test_factor_estimates_on_a_subset_and_with_a_reused_tape():
     keyed = ExampleRandom(key, STATISTICS_STREAM, idx)    # rows keyed by their batch index
     want = network_factors(net.sampled_records(params, x[idx], keyed))
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(g.Omega, w.Omega)
-        np.testing.assert_array_equal(g.Gamma, w.Gamma)
-        assert g.Omega[0, 0] == g.num_locations == w.num_locations
+        np.testing.assert_array_equal(to_numpy(g.Omega), to_numpy(w.Omega))
+        np.testing.assert_array_equal(to_numpy(g.Gamma), to_numpy(w.Gamma))
+        assert to_numpy(g.Omega)[0, 0] == g.num_locations == w.num_locations
     # fraction 1 reuses the gradient's tape: same statistics as a fresh forward pass.
     tape = net.forward(params, x)
     a = estimate_factors(net, params, x, np.random.default_rng(6), 1.0, tape=tape)
     b = estimate_factors(net, params, x, np.random.default_rng(6), 1.0)
     for fa, fb in zip(a, b):
-        np.testing.assert_array_equal(fa.Gamma, fb.Gamma)
+        np.testing.assert_array_equal(to_numpy(fa.Gamma), to_numpy(fb.Gamma))
 
 
 # --------------------------------------------------------------------------- (b)
@@ -168,10 +172,12 @@ def test_clipping_rescales_nu_to_exactly_C(to_xp):
     np.testing.assert_allclose(v, v_free * math.sqrt(0.3 / info["nu"]), rtol=CLIP_RTOL)
 
 
-def test_clip_scope_step_bounds_the_momentum_sum():
+def test_clip_scope_step_bounds_the_momentum_sum(to_xp):
     """clip_scope="step" clips p = mu p + v (what moves theta) to nu(p) = C exactly, while
-    Algorithm 1's "update" clips only v, so its momentum sum exceeds C (the negative control)."""
+    Algorithm 1's "update" clips only v, so its momentum sum exceeds C (the negative control).
+    The steps and nu(p) on the --xp module."""
     net, params, x, y = tiny_problem(11)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     nus = {}
     for scope in ("update", "step"):
         opt = KFCPre(lr=1.0, momentum=0.9, clip=0.05, clip_scope=scope, nu_fraction=1.0,
@@ -184,7 +190,7 @@ def test_clip_scope_step_bounds_the_momentum_sum():
             assert info["clipped"]
         p = state.velocity                    # nu(p) at the parameters the step started from
         nus[scope] = float(fisher_quadratic(net, before, x, expand(net, p))
-                           + 1e-3 * sum(float(np.sum(pl * pl)) for pl in p))
+                           + 1e-3 * sum(float(np.sum(to_numpy(pl * pl))) for pl in p))
     np.testing.assert_allclose(nus["step"], 0.05, rtol=CLIP_RTOL)
     assert nus["update"] > 2 * 0.05
 
@@ -216,37 +222,40 @@ def test_sgd_momentum_weight_decay_and_averaging_two_steps_by_hand(to_xp):
     assert info["k"] == 2 and set(info) == {"k", "loss"}
 
 
-def test_kfc_pre_momentum_and_averaging_two_steps_by_hand():
+def test_kfc_pre_momentum_and_averaging_two_steps_by_hand(to_xp):
+    """The two steps on the --xp module; the recursion by hand on the host."""
     net, params, x, y = tiny_problem(3)
+    d_params, d_x, d_y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     lr, mu, lam, gam = 0.02, 0.9, 1e-3, 1e-2
     opt = KFCPre(lr=lr, momentum=mu, damping=gam, weight_decay=lam, clip=None,
                  stats_period=NEVER, inverse_period=NEVER, averaging_examples=40)
     xi = math.exp(-1 / (40 / x.shape[0]))             # tau = 40 examples / N = 5 iterations
     rng = np.random.default_rng(1)
-    state = opt.initialize_factors(opt.init_state(net, params), net, params, [x], rng)
+    state = opt.initialize_factors(opt.init_state(net, d_params), net, d_params, [d_x], rng)
     F_d = dense_damped_fisher(state, gam, lam)
-    p1_params, state, _ = opt.step(state, net, params, (x, y), rng)
-    p2_params, state, _ = opt.step(state, net, p1_params, (x, y), rng)
+    p1_params, state, _ = opt.step(state, net, d_params, (d_x, d_y), rng)
+    p2_params, state, _ = opt.step(state, net, p1_params, (d_x, d_y), rng)
     th0 = net.flatten(params)
     v1 = -lr * np.linalg.solve(F_d, decayed_gradient(net, params, x, y, lam))
     th1 = th0 + v1
     v2 = mu * v1 - lr * np.linalg.solve(F_d, decayed_gradient(net, net.unflatten(th1), x, y, lam))
     th2 = th1 + v2
     bar2 = xi * (xi * th0 + (1 - xi) * th1) + (1 - xi) * th2
-    np.testing.assert_allclose(net.flatten(p2_params), th2, rtol=SOLVE_RTOL)
-    np.testing.assert_allclose(net.flatten(opt.averaged_params(net, state)), bar2,
+    np.testing.assert_allclose(to_numpy(net.flatten(p2_params)), th2, rtol=SOLVE_RTOL)
+    np.testing.assert_allclose(to_numpy(net.flatten(opt.averaged_params(net, state))), bar2,
                                rtol=SOLVE_RTOL)
 
 
 # --------------------------------------------------------------------------- (d)
-def test_factor_moving_average_decay():
-    old = [KroneckerFactors(np.full((2, 2), 1.0), np.full((1, 1), 1.0), 4)]
-    new = [KroneckerFactors(np.full((2, 2), 3.0), np.full((1, 1), 5.0), 4)]
+def test_factor_moving_average_decay(to_xp):
+    old = [KroneckerFactors(to_xp(np.full((2, 2), 1.0)), to_xp(np.full((1, 1), 1.0)), 4)]
+    new = [KroneckerFactors(to_xp(np.full((2, 2), 3.0)), to_xp(np.full((1, 1), 5.0)), 4)]
     assert average_in(old, new, 1, 0.95)[0] is new[0]                      # eps = 0
     assert average_in(None, new, 7, 0.95) is new
-    np.testing.assert_allclose(average_in(old, new, 2, 0.95)[0].Omega, 2.0)   # eps = 1/2
-    np.testing.assert_allclose(average_in(old, new, 4, 0.95)[0].Gamma, 0.75 + 1.25)
-    np.testing.assert_allclose(average_in(old, new, 1000, 0.95)[0].Gamma, 0.95 + 0.25)
+    np.testing.assert_allclose(to_numpy(average_in(old, new, 2, 0.95)[0].Omega), 2.0)  # 1/2
+    np.testing.assert_allclose(to_numpy(average_in(old, new, 4, 0.95)[0].Gamma), 0.75 + 1.25)
+    np.testing.assert_allclose(to_numpy(average_in(old, new, 1000, 0.95)[0].Gamma),
+                               0.95 + 0.25)
     # max_decay = 1: the running mean (the multi-batch initialisation).
     assert moving_average_decay(1000, 1.0) == 1.0 - 1.0 / 1000
     with pytest.raises(ArgumentError, match="decay=1.5"):
@@ -273,15 +282,18 @@ def test_kfc_pre_refresh_schedule(to_xp):
 
 # --------------------------------------------------------------------------- (e)
 @pytest.fixture(scope="module")
-def digits():
+def digits(to_xp):
+    """sklearn's 8x8 digits (inputs, labels) on the --xp module."""
     d = load_digits()
-    return (d.images / 16.0).reshape(-1, 1, 8, 8), d.target
+    return to_xp((d.images / 16.0).reshape(-1, 1, 8, 8)), to_xp(d.target)
 
 
 def train_digits(opt, digits, iterations=30, batch=128, seed=0, init_batches=0):
+    """(start, end, averaged) training loss of ``opt`` on ``digits``, on the digits' module."""
     x, y = digits
     net = small_convnet((1, 8, 8), 10, channels=(8, 16))
-    params = net.init(seed, dtype="float64")
+    xp = get_xp(x)
+    params = [None if p is None else xp.asarray(p) for p in net.init(seed, dtype="float64")]
     rng = np.random.default_rng(seed)
     state = opt.init_state(net, params)
     if init_batches:
@@ -290,7 +302,7 @@ def train_digits(opt, digits, iterations=30, batch=128, seed=0, init_batches=0):
                                        rng)
 
     def loss(ps):
-        return float(np.mean(cross_entropy(net.predict_logits(ps, x), y)))
+        return float(np.mean(to_numpy(cross_entropy(net.predict_logits(ps, x), y))))
 
     start = loss(params)
     for _ in range(iterations):
@@ -317,8 +329,10 @@ def test_kfc_pre_reduces_digits_training_loss(digits):
                                      ("kfc-pre", {"lr": 0.01, "stats_period": 2}),
                                      ("kfac", {"lm_period": 2, "gamma_period": 2,
                                                "inverse_period": 2})])
-def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
+def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path, to_xp, device):
+    """Steps on the --xp module; the state goes through the host (np.savez) and back."""
     net, params, x, y = tiny_problem(5, n=16)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = make_optimizer(name, **kw)
     rng = np.random.default_rng(11)
     state = opt.init_state(net, params)
@@ -326,15 +340,15 @@ def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
         params, state, _ = opt.step(state, net, params, (x[k:k + 8], y[k:k + 8]), rng)
     np.savez(tmp_path / "state.npz", **state_to_numpy(state))
     with np.load(tmp_path / "state.npz", allow_pickle=False) as f:
-        restored = state_from_numpy(dict(f))
+        restored = state_from_numpy(dict(f), device)
     assert type(restored) is type(state) is opt.state_type
     rng_state = rng.bit_generator.state
     out_a = opt.step(state, net, params, (x[3:11], y[3:11]), rng)
     rng2 = np.random.default_rng()
     rng2.bit_generator.state = rng_state
     out_b = opt.step(restored, net, params, (x[3:11], y[3:11]), rng2)
-    for a, b in zip(net.flatten(out_a[0]), net.flatten(out_b[0])):
-        assert a == b
+    np.testing.assert_array_equal(to_numpy(net.flatten(out_a[0])),
+                                  to_numpy(net.flatten(out_b[0])))
     flat_a, flat_b = state_to_numpy(out_a[1]), state_to_numpy(out_b[1])
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:
@@ -344,6 +358,7 @@ def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
 
 @pytest.mark.parametrize("name,kw", [("sgd", {"lr": 0.05}), ("kfc-pre", {"lr": 0.01}),
                                      ("kfac", {})])
+@pytest.mark.host_only("hyperparameter dictionaries, no arrays")
 def test_hyperparameters_rebuild_the_optimizer(name, kw):
     opt = make_optimizer(name, **kw, weight_decay=1e-4)
     hp = opt.hyperparameters()
@@ -352,11 +367,13 @@ def test_hyperparameters_rebuild_the_optimizer(name, kw):
     assert repr(opt).startswith(type(opt).__name__ + "(")
 
 
-def test_state_schema_is_the_dataclass_fields():
+def test_state_schema_is_the_dataclass_fields(to_xp):
     """The checkpoint entries are the dataclass fields: host scalars as 0-d arrays restored as
     the same Python numbers, per-layer lists as name/i, records as name/i/field, None fields
-    absent; nothing needs pickle; a state of one optimizer does not load as another's."""
+    absent; nothing needs pickle; a state of one optimizer does not load as another's.  The
+    state is built on the --xp module."""
     net, params, x, y = tiny_problem(9)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = KFCPre(lr=0.01)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x],
                                    np.random.default_rng(0))
@@ -370,7 +387,7 @@ def test_state_schema_is_the_dataclass_fields():
     assert isinstance(back.factors[0], KroneckerFactors)
     assert back.factors[0].num_locations == state.factors[0].num_locations
     assert isinstance(back.factors[0].num_locations, int)
-    np.testing.assert_array_equal(back.inverses[2].pi, state.inverses[2].pi)
+    np.testing.assert_array_equal(back.inverses[2].pi, to_numpy(state.inverses[2].pi))
     fresh = state_to_numpy(opt.init_state(net, params))            # factors, inverses = None
     assert not any(k.startswith(("factors", "inverses")) for k in fresh)
     assert state_from_numpy(fresh).factors is None
@@ -389,6 +406,7 @@ def test_state_schema_is_the_dataclass_fields():
                  np.random.default_rng(0))
 
 
+@pytest.mark.host_only("optimizer attributes, no arrays")
 def test_factor_init_batches():
     """SGD needs none; KFC-pre takes Algorithm 1's initialisation (5 batches); K-FAC, as
     published (App. B.2 / K-FAC App. D), starts from the first mini-batch."""
@@ -399,12 +417,12 @@ def test_factor_init_batches():
     assert make_optimizer("kfac").factor_init_batches == 0
 
 
-def test_overhead_benchmark_runs_in_quick_mode():
+def test_overhead_benchmark_runs_in_quick_mode(device):
     from kfc_ref.experiments.bench.optim import bench_optim, format_report, measure_overhead
     net = small_convnet((1, 8, 8), 10, channels=(4, 4))
-    out = bench_optim(batch_size=8, quick=True, net=net, dtype="float64")
+    out = bench_optim(device, batch_size=8, quick=True, net=net, dtype="float64")
     assert out["reps"] == 1 and out["stats_period"] == 5 and out["ratio_wall"] > 0
-    report = format_report(measure_overhead(8, 1, net=net, log=lambda _: None))
+    report = format_report(measure_overhead(8, 1, net=net, device=device, log=lambda _: None))
     assert "ratio KFC-pre / SGD" in report
 
 
@@ -447,11 +465,13 @@ def test_optimizers_stay_in_a_second_array_namespace(name, kw, to_xp, xp, xp_nam
     (lambda: KFCPre(lr=0.1, clip=-0.3), r"clip=-0\.3"),
     (lambda: make_optimizer("adam", lr=0.1), r"optimizer='adam'"),
 ])
+@pytest.mark.host_only("constructor argument validation, no arrays")
 def test_bad_hyperparameters_are_named(make, match):
     with pytest.raises(ArgumentError, match=match):
         make()
 
 
+@pytest.mark.host_only("constructor argument validation, no arrays")
 def test_numpy_scalar_hyperparameters_are_accepted():
     opt = KFCPre(lr=np.float32(0.01), momentum=np.float64(0.5), stats_period=np.int64(3))
     assert opt.lr == pytest.approx(0.01) and type(opt.lr) is float
@@ -461,8 +481,9 @@ def test_numpy_scalar_hyperparameters_are_accepted():
         make_optimizer("kfac", use_momentum=1)
 
 
-def test_bad_batch_and_rng():
+def test_bad_batch_and_rng(to_xp):
     net, params, x, y = tiny_problem(6)
+    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = SGD(lr=0.1)
     state = opt.init_state(net, params)
     with pytest.raises(ArgumentError, match="labels must have shape"):
@@ -476,10 +497,13 @@ def test_bad_batch_and_rng():
 @pytest.mark.parametrize("name,kw", [("kfc-pre", {"lr": 0.01, "stats_period": NEVER,
                                                   "inverse_period": 2}),
                                      ("kfac", {"stats_period": NEVER, "inverse_period": 2})])
-@pytest.mark.parametrize("to_device", [np.asarray, asguarded], ids=["numpy", "guarded"])
-def test_nan_factor_stops_the_step_with_the_same_error(name, kw, to_device):
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_nan_factor_stops_the_step_with_the_same_error(name, kw, where, to_xp, xp_name):
     """A NaN in a factor (a diverged run) raises NonFiniteCurvatureError at the next inverse
-    refresh on NumPy and on the guarded (CuPy-like) namespace alike, instead of NaN steps."""
+    refresh on NumPy and on the device alike (the --xp module, or the guarded CuPy stand-in
+    under --xp numpy), instead of NaN steps."""
+    to_device = (np.asarray if where == "host" else
+                 asguarded if xp_name == "numpy" else to_xp)
     net, params, x, y = tiny_problem(10)
     ps = [None if p is None else to_device(p) for p in params]
     opt = make_optimizer(name, **kw)
