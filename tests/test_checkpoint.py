@@ -7,6 +7,9 @@ import pytest
 from kfc_ref.experiments import checkpoint
 from kfc_ref.experiments.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.host_only("checkpoint files hold host arrays (callers bring device "
+                                   "arrays back with to_numpy first)")
+
 
 def test_round_trip(tmp_path):
     path = str(tmp_path / "c.npz")

@@ -6,6 +6,7 @@ import os
 import pytest
 
 
+@pytest.mark.host_only("CLI presets and help text")
 def test_speedup_presets_set_the_paper_settings_and_state_times():
     from kfc_ref.experiments.bench.speedup import PRESETS, build_parser, parse_args
     args = parse_args(["--preset", "fig1-wallclock", "--data-dir", "D", "--device", "gpu",
@@ -28,11 +29,12 @@ def test_speedup_presets_set_the_paper_settings_and_state_times():
     assert "expected time: CPU ~" in text and "GPU ~" in text
 
 
-def test_speedup_sud_runs_both_pooling_variants_then_the_report(tmp_path, capsys):
+def test_speedup_sud_runs_both_pooling_variants_then_the_report(tmp_path, capsys, device):
     from kfc_ref.experiments.bench.speedup import main
     out = str(tmp_path / "sud")
     assert main(["sud", "--data", "digits", "--arch", "small", "--epochs", "0.1", "--lr",
-                 "0.03", "--examples", "30", "--max-test", "60", "--out", out]) == 0
+                 "0.03", "--examples", "30", "--max-test", "60", "--out", out,
+                 "--device", device]) == 0
     capsys.readouterr()
     with open(os.path.join(out, "summary_sud.json")) as fh:
         summary = json.load(fh)

@@ -50,8 +50,9 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, device):
     assert rows and rows[-1]["iteration"] == meta["iteration"]
 
 
-def test_ctrl_c_leaves_log_and_checkpoint_consistent(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, "int", optimizer="sgd", lr=0.05, iters=6, eval_every=2)
+def test_ctrl_c_leaves_log_and_checkpoint_consistent(tmp_path, monkeypatch, device):
+    cfg = _cfg(tmp_path, "int", optimizer="sgd", lr=0.05, iters=6, eval_every=2,
+               device=device)
     real_step = train_mod.make_optimizer("sgd", lr=0.05).__class__.step
     calls = {"n": 0}
 
@@ -60,22 +61,23 @@ def test_ctrl_c_leaves_log_and_checkpoint_consistent(tmp_path, monkeypatch):
         if calls["n"] == 4:
             raise KeyboardInterrupt
         return real_step(self, *args, **kwargs)
-    monkeypatch.setattr(train_mod.make_optimizer("sgd", lr=0.05).__class__, "step", step)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(train_mod.make_optimizer("sgd", lr=0.05).__class__, "step", step)
         train(cfg)
-    monkeypatch.undo()
     _, meta = load_checkpoint(os.path.join(cfg.out, "checkpoint.npz"))
     assert meta["iteration"] == 3
     assert [r["iteration"] for r in read_metrics(cfg.out)] == [2.0]
     resumed = train(cfg, resume=True)
-    full = train(_cfg(tmp_path, "ref", optimizer="sgd", lr=0.05, iters=6, eval_every=2))
+    full = train(_cfg(tmp_path, "ref", optimizer="sgd", lr=0.05, iters=6, eval_every=2,
+                      device=device))
     assert _strip_time(resumed.metrics) == _strip_time(full.metrics)
 
 
-def test_cli_writes_config_and_metrics(tmp_path, capsys):
+def test_cli_writes_config_and_metrics(tmp_path, capsys, device):
     out = str(tmp_path / "cli")
     code = main(["--optimizer", "sgd", "--data", "digits", "--iters", "3", "--batch-size", "16",
-                 "--max-train", "64", "--max-test", "32", "--quiet", "--out", out])
+                 "--max-train", "64", "--max-test", "32", "--quiet", "--out", out,
+                 "--device", device])
     assert code == 0
     assert json.load(open(os.path.join(out, "config.json")))["optimizer"] == "sgd"
     assert len(read_metrics(out)) >= 1
@@ -88,6 +90,7 @@ def test_cli_writes_config_and_metrics(tmp_path, capsys):
     (["--data", "digits", "--device", "gpu", "--out", "X"], "device='gpu' was requested"),
     (["--optimizer", "kfac", "--lr", "0.1", "--data", "digits", "--out", "X"], "omit lr"),
 ])
+@pytest.mark.host_only("CLI argument validation (the gpu case asks about the real device)")
 def test_cli_bad_arguments(tmp_path, capsys, argv, message):
     from kfc_ref.backend import gpu_unavailable_reason
     if "gpu" in argv and gpu_unavailable_reason() is None:
@@ -97,16 +100,17 @@ def test_cli_bad_arguments(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.host_only("CLI argument parsing")
 def test_cli_rejects_unknown_choices():
     with pytest.raises(SystemExit) as exc:
         main(["--optimizer", "adam", "--out", "x"])
     assert exc.value.code == 2
 
 
-def test_overwrite_removes_nothing_before_the_new_run_is_validated(tmp_path, capsys):
+def test_overwrite_removes_nothing_before_the_new_run_is_validated(tmp_path, capsys, device):
     out = str(tmp_path / "run")
     common = ["--data", "digits", "--iters", "2", "--batch-size", "16", "--max-train", "64",
-              "--max-test", "32", "--quiet", "--out", out]
+              "--max-test", "32", "--quiet", "--out", out, "--device", device]
     assert main(common) == 0
     before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
     assert main(common + ["--overwrite", "--lr", "-1"]) == 2          # refused: old run intact
