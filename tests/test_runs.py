@@ -2,7 +2,10 @@
 write) and resumed ends identical to an uninterrupted run; a copied run directory resumes where
 it is and leaves the original untouched; a full disk loses nothing good; SIGTERM stops like
 Ctrl-C; config.json records the resolved settings and every resume; files follow the umask;
-progress is readable in a log file; the training set stays on the device."""
+progress is readable in a log file; the training set stays on the device.
+
+Every run trains on the --xp device (``module_device``: one patch for the module, so the tests
+that undo their own monkeypatches mid-test keep it)."""
 import errno
 import hashlib
 import io
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 from guarded_xp import GuardedArray, counting, guarded
 
+from kfc_ref.backend import get_xp, to_numpy
 from kfc_ref.data import DeviceBatches, MinibatchStream
 from kfc_ref.experiments import checkpoint
 from kfc_ref.experiments import train as train_mod
@@ -42,9 +46,17 @@ def _final(out):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def dev_cfg(module_device):
+    """``_cfg`` on the --xp device."""
+    def make(out, **kw):
+        return _cfg(out, device=module_device, **kw)
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dev_cfg):
     out = tmp_path_factory.mktemp("ref") / "run"
-    train(_cfg(out))
+    train(dev_cfg(out))
     return _final(out)
 
 
@@ -99,7 +111,8 @@ def _kill_in_checkpoint_write(n):
     checkpoint._write_and_sync = write
 
 
-def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, reference):
+def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, reference,
+                                                                   dev_cfg):
     rng = np.random.default_rng(20261203)                 # the "random" kill points, reproducible
     out = tmp_path / "run"
     kills = [("step", int(rng.integers(1, 3))),           # before the first checkpoint
@@ -109,9 +122,9 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path, ref
     for i, (where, n) in enumerate(kills):
         def action(where=where, n=n, first=(i == 0)):
             (_kill_at_step if where == "step" else _kill_in_checkpoint_write)(n)
-            train(_cfg(out), resume=not first)
+            train(dev_cfg(out), resume=not first)
         _killed_child(action)
-    train(_cfg(out), resume=True)
+    train(dev_cfg(out), resume=True)
     _assert_identical(out, reference)
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.csv"]
 
@@ -122,9 +135,9 @@ def _digest(folder):
             for name in sorted(os.listdir(folder))}
 
 
-def test_a_copied_run_resumes_where_it_is(tmp_path, reference):
+def test_a_copied_run_resumes_where_it_is(tmp_path, reference, dev_cfg):
     original = tmp_path / "original"
-    train(_cfg(original, iters=6))
+    train(dev_cfg(original, iters=6))
     before = _digest(original)
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(original, copy)
@@ -136,19 +149,19 @@ def test_a_copied_run_resumes_where_it_is(tmp_path, reference):
     assert record["resumes"] == [{"at_iteration": 6, "changed": {"iters": [6, 12]}}]
 
 
-def test_a_moved_run_resumes_and_leaves_no_stray_directory(tmp_path, monkeypatch):
+def test_a_moved_run_resumes_and_leaves_no_stray_directory(tmp_path, monkeypatch, dev_cfg):
     first = tmp_path / "first"
-    train(_cfg(first, iters=3))
+    train(dev_cfg(first, iters=3))
     moved = tmp_path / "moved"
     os.rename(first, moved)
     monkeypatch.chdir(tmp_path)
-    train(_cfg(moved, iters=6), resume=True)
+    train(dev_cfg(moved, iters=6), resume=True)
     assert not first.exists() and len(read_metrics(str(moved))) == 2
 
 
 # --------------------------------------------------------------------------- disk full
 def test_disk_full_gives_a_clear_error_and_keeps_the_last_good_state(tmp_path, monkeypatch,
-                                                                     reference):
+                                                                     reference, dev_cfg):
     out = tmp_path / "run"
     real, calls = checkpoint._write_and_sync, [0]
 
@@ -161,23 +174,25 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_last_good_state(tmp_path, m
         real(fh, data)
     monkeypatch.setattr(checkpoint, "_write_and_sync", write)
     with pytest.raises(FileWriteError) as exc:
-        train(_cfg(out))
+        train(dev_cfg(out))
     message = str(exc.value)
     assert "checkpoint.npz" in message and "No space left on device (ENOSPC)" in message
     monkeypatch.undo()
     _, meta, rows = _final(out)
     assert meta["iteration"] == 3 and [r["iteration"] for r in rows] == [3.0]
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "metrics.csv"]
-    train(_cfg(out), resume=True)                         # space freed: the run completes
+    train(dev_cfg(out), resume=True)                      # space freed: the run completes
     _assert_identical(out, reference)
 
 
-def test_disk_full_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
+def test_disk_full_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys,
+                                                   module_device):
     def full(fh, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(checkpoint, "_write_and_sync", full)
     code = train_mod.main(["--data", "digits", "--max-train", "64", "--batch-size", "16",
-                           "--iters", "1", "--quiet", "--out", str(tmp_path / "run")])
+                           "--iters", "1", "--quiet", "--out", str(tmp_path / "run"),
+                           "--device", module_device])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "ENOSPC" in err
 
@@ -194,34 +209,34 @@ def _signal_at_step(monkeypatch, n, signum):
     monkeypatch.setattr(train_mod, "_step", step)
 
 
-def test_sigterm_stops_at_a_clean_point_like_ctrl_c(tmp_path, monkeypatch, reference):
+def test_sigterm_stops_at_a_clean_point_like_ctrl_c(tmp_path, monkeypatch, reference, dev_cfg):
     out = tmp_path / "run"
     _signal_at_step(monkeypatch, 4, signal.SIGTERM)
     with pytest.raises(RunInterrupted) as exc:
-        train(_cfg(out))
+        train(dev_cfg(out))
     assert exc.value.signum == signal.SIGTERM
     monkeypatch.undo()
     _, meta, rows = _final(out)
     assert meta["iteration"] == 4 and [r["iteration"] for r in rows] == [3.0]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers restored
-    train(_cfg(out), resume=True)
+    train(dev_cfg(out), resume=True)
     _assert_identical(out, reference)
 
 
-def test_sigterm_on_the_command_line(tmp_path, monkeypatch, capsys):
+def test_sigterm_on_the_command_line(tmp_path, monkeypatch, capsys, module_device):
     _signal_at_step(monkeypatch, 2, signal.SIGTERM)
     out = str(tmp_path / "run")
     code = train_mod.main(["--data", "digits", "--max-train", "64", "--batch-size", "16",
-                           "--iters", "5", "--quiet", "--out", out])
+                           "--iters", "5", "--quiet", "--out", out, "--device", module_device])
     assert code == 128 + signal.SIGTERM
     assert f"--resume {out}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the record
-def test_config_records_resolved_settings_and_versions(tmp_path):
+def test_config_records_resolved_settings_and_versions(tmp_path, module_device):
     out = tmp_path / "run"
     train(TrainConfig(out=str(out), data="digits", max_train=64, max_test=32, epochs=0.5,
-                      quiet=True, batch_size=16))
+                      quiet=True, batch_size=16, device=module_device))
     record = json.loads((out / "config.json").read_text())
     s = record
     assert s["arch"] == "small" and s["lr"] == train_mod.DEFAULT_LR["sgd"]
@@ -231,25 +246,27 @@ def test_config_records_resolved_settings_and_versions(tmp_path):
     assert record["optimizer_hyperparameters"]["momentum"] == 0.9
 
 
-def test_files_follow_the_umask(tmp_path):
+def test_files_follow_the_umask(tmp_path, dev_cfg):
     old = os.umask(0o027)
     try:
-        train(_cfg(tmp_path / "run", iters=3))
+        train(dev_cfg(tmp_path / "run", iters=3))
     finally:
         os.umask(old)
     for name in ("config.json", "metrics.csv", "checkpoint.npz"):
         assert os.stat(tmp_path / "run" / name).st_mode & 0o777 == 0o640, name
 
 
-def test_every_optimizer_info_key_is_logged(tmp_path):
+def test_every_optimizer_info_key_is_logged(tmp_path, module_device):
     result = train(TrainConfig(out=str(tmp_path / "kfac"), optimizer="kfac", data="digits",
-                               max_train=64, max_test=32, batch_size=16, iters=2, quiet=True))
+                               max_train=64, max_test=32, batch_size=16, iters=2, quiet=True,
+                               device=module_device))
     row = read_metrics(result.out_dir)[-1]
     for key in ("batch_loss", "lambda", "gamma", "rho", "alpha", "mu", "model_change"):
         assert key in row, key
 
 
 # --------------------------------------------------------------------------- progress
+@pytest.mark.host_only("evaluation schedule arithmetic, no arrays")
 def test_default_evaluation_is_cheap():
     for total, batch in ((60, 128), (20, 32), (1000, 128), (5, 512)):
         every = default_eval_every(total, batch, 2 * EVAL_EXAMPLES)
@@ -260,6 +277,7 @@ def test_default_evaluation_is_cheap():
                 1 - 1 / evaluations)
 
 
+@pytest.mark.host_only("progress text from host numbers")
 def test_progress_in_a_log_file_is_plain_lines():
     log = io.StringIO()
     progress = Progress(total=100, start=0, quiet=False, stream=log)
@@ -273,6 +291,7 @@ def test_progress_in_a_log_file_is_plain_lines():
     assert "3,200 train ex/s" in lines[-1]              # training seconds only
 
 
+@pytest.mark.host_only("progress text from host numbers")
 def test_progress_in_a_terminal_is_a_bar():
     class Terminal(io.StringIO):
         def isatty(self):
@@ -287,26 +306,35 @@ def test_progress_in_a_terminal_is_a_bar():
 
 
 # --------------------------------------------------------------------------- device data
-def test_device_batches_gather_on_the_device_with_host_indices():
+def test_device_batches_gather_on_the_device_with_host_indices(xp):
+    """On the --xp module (the guarded stand-in under --xp numpy); launches and syncs are
+    counted where the module is the guarded one."""
+    dev_xp = guarded if xp is np else xp
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((50, 1, 4, 4)), rng.integers(0, 10, 50)
     host = MinibatchStream(x, y, 8, seed=3)
-    device = DeviceBatches(x, y, guarded)
+    device = DeviceBatches(x, y, dev_xp)
     indices = MinibatchStream(x, y, 8, seed=3)
     for _ in range(10):                                   # crosses an epoch boundary
         xb, yb = next(host)
         with counting() as c:
             gx, gy = device.gather(indices.next_indices())
-        assert isinstance(gx, GuardedArray) and c.syncs == 0 and c.launches <= 3
-        np.testing.assert_array_equal(gx.__kfc_host__(), xb)
-        np.testing.assert_array_equal(gy.__kfc_host__(), yb)
+        assert get_xp(gx) is dev_xp and get_xp(gy) is dev_xp
+        if dev_xp is guarded:
+            assert c.syncs == 0 and c.launches <= 3
+        np.testing.assert_array_equal(to_numpy(gx), xb)
+        np.testing.assert_array_equal(to_numpy(gy), yb)
 
 
-def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monkeypatch):
+def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monkeypatch, xp):
     """The --device gpu path on CPU: every array lives in the guarded namespace (which refuses
     direct NumPy calls), the training set is uploaded once, and the run equals the CPU run bit
     for bit in float64 (in float32 the few-launch kernels the engine takes off NumPy,
-    ``backend.few_launches``, round differently, ~1e-7 relative)."""
+    ``backend.few_launches``, round differently, ~1e-7 relative).  Runs under --xp numpy and
+    guarded; CuPy's kernels round differently from NumPy's, so bit equality is not its claim."""
+    if xp is not np and xp is not guarded:
+        pytest.skip("bit-for-bit equality with the CPU run holds for the NumPy-backed guarded "
+                    "namespace only")
     from guarded_xp import asguarded
     from kfc_ref.nn.network import Sequential
     cpu = train(_cfg(tmp_path / "cpu", iters=4, eval_every=2, dtype="float64"))
@@ -328,9 +356,9 @@ def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monke
                                   _final(tmp_path / "cpu")[0]["theta"])
 
 
-def test_an_interrupt_never_checkpoints_a_diverged_state(tmp_path, monkeypatch):
-    """A device loss (here a NumPy scalar, not a host float) is read only at log points; a
-    Ctrl-C after it went NaN stops the run without saving that state."""
+def test_an_interrupt_never_checkpoints_a_diverged_state(tmp_path, monkeypatch, dev_cfg, to_xp):
+    """A device loss (a 0-d array on the --xp module, not a host float) is read only at log
+    points; a Ctrl-C after it went NaN stops the run without saving that state."""
     out = tmp_path / "run"
     real, calls = train_mod._step, [0]
 
@@ -338,18 +366,18 @@ def test_an_interrupt_never_checkpoints_a_diverged_state(tmp_path, monkeypatch):
         calls[0] += 1
         real(setup, run)
         if calls[0] >= 4:
-            run.info = {**run.info, "loss": np.float32("nan")}
+            run.info = {**run.info, "loss": to_xp(np.array(np.nan, dtype=np.float32))}
         if calls[0] == 5:
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(train_mod, "_step", step)
     with pytest.raises(train_mod.TrainingStopped, match="loss nan at iteration 5"):
-        train(_cfg(out))
+        train(dev_cfg(out))
     _, meta, rows = _final(out)
     assert meta["iteration"] == 3 and [r["iteration"] for r in rows] == [3.0]
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, monkeypatch,
-                                                                  reference):
+                                                                  reference, dev_cfg):
     out = tmp_path / "run"
     real, calls = train_mod._step, [0]
 
@@ -361,9 +389,9 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, monke
         real(setup, run)
     monkeypatch.setattr(train_mod, "_step", step)
     with pytest.raises(RunInterrupted):
-        train(_cfg(out))
+        train(dev_cfg(out))
     monkeypatch.undo()
     _, meta, rows = _final(out)
     assert meta["iteration"] == 4 and [r["iteration"] for r in rows] == [3.0]
-    train(_cfg(out), resume=True)
+    train(dev_cfg(out), resume=True)
     _assert_identical(out, reference)
