@@ -169,10 +169,12 @@ def module_device(xp_name, xp):
 
 
 def _import_device_users():
-    """Import the modules that bind ``namespace_for``/``check_device`` before patching them."""
+    """Import the modules that bind ``namespace_for``/``check_device`` before patching them
+    (one imported while patched would keep the stand-in after the test)."""
     import importlib
     for name in ("kfc_ref.nn.network", "kfc_ref.experiments.train",
                  "kfc_ref.experiments.checks", "kfc_ref.experiments.config",
+                 "kfc_ref.experiments.figures", "kfc_ref.experiments.sud_report",
                  "kfc_ref.experiments.bench.cli", "kfc_ref.experiments.bench.conv",
-                 "kfc_ref.experiments.bench.optim"):
+                 "kfc_ref.experiments.bench.optim", "kfc_ref.experiments.bench.distributed"):
         importlib.import_module(name)

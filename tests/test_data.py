@@ -23,6 +23,10 @@ STD_ATOL = 1e-5
 N_TRAIN_PER_BATCH, N_TEST = 2, 3
 N_SVHN_TRAIN, N_SVHN_TEST = 5, 4
 
+pytestmark = pytest.mark.host_only(
+    "file readers, dataset loading, preprocessing and minibatch index streams are host NumPy "
+    "by design; the device copy of the training set (DeviceBatches) is tested in test_runs")
+
 
 @pytest.fixture(autouse=True)
 def small_official_files(monkeypatch):
