@@ -1,7 +1,10 @@
 """Bad input at every public boundary: the API (loss, Fisher, optimizers, run settings), the
 command line and the file readers (corrupt, truncated, wrong-layout and malicious files made
 here).  Every case asserts the error's type and that its message names the argument or file;
-command-line cases also assert one line on stderr, no traceback and exit code 2."""
+command-line cases also assert one line on stderr, no traceback and exit code 2.
+
+API cases take arrays on the --xp module and runs train on its device; settings, argument
+parsing and file readers are host_only."""
 import json
 import os
 import pickle
@@ -18,7 +21,9 @@ from kfc_ref.experiments.checkpoint import CheckpointError, load_checkpoint
 from kfc_ref.experiments.config import TrainConfig
 from kfc_ref.experiments.rundir import RunDirectoryError
 from kfc_ref.curvature.fisher import empirical_fisher, per_example_gradients
-from kfc_ref.nn.losses import classification_error, cross_entropy, softmax_cross_entropy
+from kfc_ref.nn.losses import (
+    check_labels, classification_error, cross_entropy, softmax_cross_entropy,
+)
 from kfc_ref.nn.models import tiny_convnet
 from kfc_ref.optim import make_optimizer
 from kfc_ref.validate import ArgumentError
@@ -27,11 +32,25 @@ TINY_RUN = dict(data="digits", max_train=64, max_test=32, batch_size=16, iters=2
                 eval_examples=32, quiet=True, seed=1)
 
 
+HOST_SETTINGS = pytest.mark.host_only("run settings and argument validation, no arrays")
+HOST_FILES = pytest.mark.host_only("file readers: host NumPy by design")
+#: check_labels reads the label range back only for host arrays, or with range_on_device (the
+#: training loop checks its dataset's labels once instead of syncing every step).
+RANGE_ON_HOST = pytest.mark.host_only("the label range is read back for host labels only; "
+                                      "device labels: check_labels(..., range_on_device=True)")
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def tiny_run(module_device):
+    """TINY_RUN on the --xp device."""
+    return {**TINY_RUN, "device": module_device}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_run):
     """A finished two-iteration run (copy it before changing it)."""
     out = str(tmp_path_factory.mktemp("runs") / "base")
-    train_mod.train(TrainConfig(out=out, **TINY_RUN))
+    train_mod.train(TrainConfig(out=out, **tiny_run))
     return out
 
 
@@ -43,11 +62,18 @@ def run_copy(run_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(to_xp):
+    """(net, params, x) on the --xp module."""
     net = tiny_convnet()
-    params = net.init(0, "float64")
-    x = np.random.default_rng(0).standard_normal((4, 1, 6, 6))
+    params = [to_xp(p) for p in net.init(0, "float64")]
+    x = to_xp(np.random.default_rng(0).standard_normal((4, 1, 6, 6)))
     return net, params, x
+
+
+def _labels_on(to_xp, labels):
+    """Labels on the --xp module; string labels stay on the host (CuPy has no string arrays,
+    so that is how a caller would pass them)."""
+    return labels if labels.dtype.kind in "US" else to_xp(labels)
 
 
 # --------------------------------------------------------------------------- API: labels
@@ -56,53 +82,65 @@ LOGITS = np.zeros((3, 10))
 
 @pytest.mark.parametrize("func", [cross_entropy, softmax_cross_entropy, classification_error])
 @pytest.mark.parametrize("labels, needle", [
-    (np.array([0, 10, 1]), "labels holds labels in [0, 10]"),          # == C
-    (np.array([0, -1, 1]), "labels holds labels in [-1, 1]"),
+    pytest.param(np.array([0, 10, 1]), "labels holds labels in [0, 10]", marks=RANGE_ON_HOST),
+    pytest.param(np.array([0, -1, 1]), "labels holds labels in [-1, 1]", marks=RANGE_ON_HOST),
     (np.array([0.0, 1.0, 2.0]), "labels must hold integer class indices"),
     (np.array(["0", "1", "2"]), "labels must hold integer class indices"),
     (np.array([0, 1]), "labels must have shape (N,) = (3,)"),
 ])
-def test_loss_refuses_bad_labels(func, labels, needle):
+def test_loss_refuses_bad_labels(func, labels, needle, to_xp):
     with pytest.raises(ArgumentError) as exc:
-        func(LOGITS, labels)
+        func(to_xp(LOGITS), _labels_on(to_xp, labels))
     assert needle in str(exc.value)
 
 
-def test_loss_refuses_an_empty_batch():
+@pytest.mark.parametrize("labels, needle", [
+    (np.array([0, 10, 1]), "labels holds labels in [0, 10]"),          # == C
+    (np.array([0, -1, 1]), "labels holds labels in [-1, 1]"),
+])
+def test_labels_out_of_range_are_refused_on_request_on_the_device(labels, needle, to_xp):
+    with pytest.raises(ArgumentError) as exc:
+        check_labels(to_xp(labels), 3, 10, range_on_device=True)
+    assert needle in str(exc.value)
+
+
+def test_loss_refuses_an_empty_batch(to_xp):
     with pytest.raises(ArgumentError, match="labels is empty"):
-        cross_entropy(np.zeros((0, 10)), np.zeros(0, dtype=np.int64))
+        cross_entropy(to_xp(np.zeros((0, 10))), to_xp(np.zeros(0, dtype=np.int64)))
 
 
-def test_fisher_refuses_bad_labels(tiny):
+def test_fisher_refuses_bad_labels(tiny, to_xp):
     net, params, x = tiny
+    # per_example_gradients checks the range on the device too (range_on_device)
     with pytest.raises(ArgumentError, match=r"y holds labels in \[0, 10\]"):
-        per_example_gradients(net, params, x, np.array([0, 1, 2, 10]))
+        per_example_gradients(net, params, x, to_xp(np.array([0, 1, 2, 10])))
     with pytest.raises(ArgumentError, match="y must hold integer class indices"):
-        empirical_fisher(net, params, x, np.zeros(4))
+        empirical_fisher(net, params, x, to_xp(np.zeros(4)))
 
 
 @pytest.mark.parametrize("name, options", [("sgd", {"lr": 0.1}), ("kfc-pre", {"lr": 0.01}),
                                            ("kfac", {})])
 @pytest.mark.parametrize("labels, needle", [
-    (np.array([0, 1, 2, 10]), "labels holds labels in [0, 10]"),
+    pytest.param(np.array([0, 1, 2, 10]), "labels holds labels in [0, 10]",
+                 marks=RANGE_ON_HOST),
     (np.array([0.0, 1.0, 2.0, 3.0]), "batch labels must hold integer class indices"),
     (np.array([0, 1]), "batch labels must have shape (N,) = (4,)"),
 ])
-def test_optimizers_take_no_step_on_bad_labels(tiny, name, options, labels, needle):
+def test_optimizers_take_no_step_on_bad_labels(tiny, name, options, labels, needle, to_xp):
     net, params, x = tiny
     opt = make_optimizer(name, **options)
     state = opt.init_state(net, params)
     with pytest.raises(ArgumentError) as exc:
-        opt.step(state, net, params, (x, labels), np.random.default_rng(0))
+        opt.step(state, net, params, (x, to_xp(labels)), np.random.default_rng(0))
     assert needle in str(exc.value)
 
 
-def test_optimizer_refuses_an_empty_batch(tiny):
+def test_optimizer_refuses_an_empty_batch(tiny, to_xp):
     net, params, x = tiny
     opt = make_optimizer("sgd", lr=0.1)
     with pytest.raises(ArgumentError, match="batch labels is empty"):
         opt.step(opt.init_state(net, params), net, params,
-                 (x[:0], np.zeros(0, dtype=np.int64)), np.random.default_rng(0))
+                 (x[:0], to_xp(np.zeros(0, dtype=np.int64))), np.random.default_rng(0))
 
 
 # --------------------------------------------------------------------------- API: settings
@@ -118,12 +156,14 @@ def test_optimizer_refuses_an_empty_batch(tiny):
     ("weight_decay", -0.1, "weight_decay=-0.1"),
     ("dtype", "float16", "dtype='float16'"),
 ])
+@HOST_SETTINGS
 def test_train_config_names_the_bad_setting(field, value, needle):
     with pytest.raises(ArgumentError) as exc:
         TrainConfig(**{field: value}).validate()
     assert needle in str(exc.value)
 
 
+@HOST_SETTINGS
 def test_numpy_scalars_are_accepted_where_numbers_are():
     cfg = TrainConfig(lr=np.float32(0.01), damping=np.float64(1e-3), batch_size=np.int64(32),
                       iters=np.int32(5), weight_decay=np.float32(0.0)).validate()
@@ -131,6 +171,7 @@ def test_numpy_scalars_are_accepted_where_numbers_are():
     assert make_optimizer("kfc-pre", lr=np.float32(0.01), damping=np.float32(1e-3)).lr > 0
 
 
+@HOST_SETTINGS
 def test_stream_and_loader_name_their_argument():
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         MinibatchStream(np.zeros((4, 1)), np.zeros(4, dtype=np.int64), 5)
@@ -138,23 +179,23 @@ def test_stream_and_loader_name_their_argument():
         load_dataset("digits", max_train=0)
 
 
-def test_new_run_into_a_non_empty_directory_is_refused(run_dir):
+def test_new_run_into_a_non_empty_directory_is_refused(run_dir, tiny_run):
     with pytest.raises(RunDirectoryError) as exc:
-        train_mod.train(TrainConfig(out=run_dir, **TINY_RUN))
+        train_mod.train(TrainConfig(out=run_dir, **tiny_run))
     assert run_dir in str(exc.value) and "--resume" in str(exc.value) \
         and "--overwrite" in str(exc.value)
 
 
-def test_out_naming_a_file_is_refused(tmp_path):
+def test_out_naming_a_file_is_refused(tmp_path, tiny_run):
     path = tmp_path / "a_file"
     path.write_text("x")
     with pytest.raises(RunDirectoryError, match="is a file"):
-        train_mod.train(TrainConfig(out=str(path), **TINY_RUN))
+        train_mod.train(TrainConfig(out=str(path), **tiny_run))
 
 
-def test_resume_refuses_a_setting_that_may_not_change(run_copy):
+def test_resume_refuses_a_setting_that_may_not_change(run_copy, tiny_run):
     with pytest.raises(ArgumentError) as exc:
-        train_mod.train(TrainConfig(out=run_copy, **{**TINY_RUN, "lr": 0.5}), resume=True)
+        train_mod.train(TrainConfig(out=run_copy, **{**tiny_run, "lr": 0.5}), resume=True)
     assert "lr=0.5" in str(exc.value) and "config.json" in str(exc.value)
 
 
@@ -176,18 +217,19 @@ def _evil_pickle(marker):
     lambda good, tmp: np.random.default_rng(0).bytes(4096),       # random bytes
     lambda good, tmp: _evil_pickle(tmp / "pwned"),               # malicious pickle
 ], ids=["empty", "truncated", "random", "malicious-pickle"])
-def test_unreadable_checkpoint_is_named(run_copy, tmp_path, make):
+def test_unreadable_checkpoint_is_named(run_copy, tmp_path, make, tiny_run):
     path = _ckpt(run_copy)
     with open(path, "rb") as fh:
         good = fh.read()
     with open(path, "wb") as fh:
         fh.write(make(good, tmp_path))
     with pytest.raises(CheckpointError) as exc:
-        train_mod.train(TrainConfig(out=run_copy, **TINY_RUN), resume=True)
+        train_mod.train(TrainConfig(out=run_copy, **tiny_run), resume=True)
     assert path in str(exc.value) and "start a new run" in str(exc.value)
     assert not (tmp_path / "pwned").exists()
 
 
+@HOST_FILES
 def test_object_array_checkpoint_is_not_unpickled(tmp_path):
     path = str(tmp_path / "obj.npz")
     np.savez(path, theta=np.array([{"a": 1}], dtype=object))
@@ -195,6 +237,7 @@ def test_object_array_checkpoint_is_not_unpickled(tmp_path):
         load_checkpoint(path)
 
 
+@HOST_FILES
 def test_foreign_npz_is_refused(tmp_path):
     path = str(tmp_path / "foreign.npz")
     np.savez(path, weights=np.zeros(3))
@@ -202,12 +245,12 @@ def test_foreign_npz_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_checkpoint_of_another_run_is_refused(run_copy, tmp_path):
+def test_checkpoint_of_another_run_is_refused(run_copy, tmp_path, tiny_run):
     other = str(tmp_path / "other")
-    train_mod.train(TrainConfig(out=other, **{**TINY_RUN, "seed": 2}))
+    train_mod.train(TrainConfig(out=other, **{**tiny_run, "seed": 2}))
     shutil.copy(_ckpt(other), _ckpt(run_copy))
     with pytest.raises(CheckpointError) as exc:
-        train_mod.train(TrainConfig(out=run_copy, **TINY_RUN), resume=True)
+        train_mod.train(TrainConfig(out=run_copy, **tiny_run), resume=True)
     assert "belongs to another run" in str(exc.value) and "seed=2" in str(exc.value)
 
 
@@ -229,19 +272,19 @@ def _edit_config(run, edit):
     (lambda r: r.pop("resumes"), "key 'resumes' is missing"),
     (lambda r: r.update(format="something else"), "not a kfc_ref run record"),
 ])
-def test_config_file_problems_are_named(run_copy, edit, needle):
+def test_config_file_problems_are_named(run_copy, edit, needle, tiny_run):
     path = _edit_config(run_copy, edit)
     with pytest.raises(ValueError) as exc:
-        train_mod.train(TrainConfig(out=run_copy, **TINY_RUN), resume=True)
+        train_mod.train(TrainConfig(out=run_copy, **tiny_run), resume=True)
     assert path in str(exc.value) and needle in str(exc.value)
 
 
-def test_broken_json_names_the_file(run_copy):
+def test_broken_json_names_the_file(run_copy, tiny_run):
     path = os.path.join(run_copy, "config.json")
     with open(path, "a") as fh:
         fh.write("}{")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        train_mod.train(TrainConfig(out=run_copy, **TINY_RUN), resume=True)
+        train_mod.train(TrainConfig(out=run_copy, **tiny_run), resume=True)
 
 
 # --------------------------------------------------------------------------- files: datasets
@@ -252,6 +295,7 @@ def _cifar_bin(folder, records_per_file):
         (folder / f"{name}.bin").write_bytes(raw * records_per_file.get(name, 3))
 
 
+@HOST_FILES
 def test_cifar_bin_cut_at_a_record_boundary_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "CIFAR10_EXPECTED_RECORDS",
                         {n: 3 for n in [*readers.CIFAR10_TRAIN_BATCHES,
@@ -262,12 +306,14 @@ def test_cifar_bin_cut_at_a_record_boundary_is_refused(tmp_path, monkeypatch):
         load_dataset("cifar10", tmp_path)
 
 
+@HOST_FILES
 def test_official_cifar_count_is_required_by_default(tmp_path):
     _cifar_bin(tmp_path / "cifar-10-batches-bin", {})
     with pytest.raises(ValueError, match=r"data_batch_1\.bin: holds 3 records.*10000"):
         load_dataset("cifar10", tmp_path)
 
 
+@HOST_FILES
 def test_cifar_py_batch_with_the_wrong_count_is_refused(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}))
@@ -275,6 +321,7 @@ def test_cifar_py_batch_with_the_wrong_count_is_refused(tmp_path):
         readers.read_cifar10_py_batch(path, expected_records=10_000)
 
 
+@HOST_FILES
 def test_cifar_py_wrong_layout_is_named(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
@@ -282,6 +329,7 @@ def test_cifar_py_wrong_layout_is_named(tmp_path):
         readers.read_cifar10_py_batch(path)
 
 
+@HOST_FILES
 def test_svhn_with_the_wrong_count_is_refused(tmp_path):
     from scipy.io import savemat
     path = tmp_path / "train_32x32.mat"
@@ -291,6 +339,7 @@ def test_svhn_with_the_wrong_count_is_refused(tmp_path):
         readers.read_svhn_mat(path, expected_records=73_257)
 
 
+@HOST_FILES
 def test_truncated_svhn_mat_is_named(tmp_path):
     from scipy.io import savemat
     path = tmp_path / "test_32x32.mat"
@@ -324,6 +373,7 @@ def _exit_code(main, argv):
     (["--data", "digits", "--lr", "-1", "--out", "X"], "lr=-1.0 is not allowed"),
     (["--resume", "X/none"], "no such run directory"),
 ])
+@HOST_SETTINGS
 def test_train_cli_errors_are_one_line(tmp_path, capsys, argv, needle):
     argv = [a.replace("X", str(tmp_path)) for a in argv]
     _one_line_error(capsys, _exit_code(train_mod.main, argv), needle)
@@ -357,6 +407,7 @@ def test_other_commands_errors_are_one_line(run_dir, tmp_path, capsys, main, arg
     _one_line_error(capsys, _exit_code(main, argv), needle)
 
 
+@HOST_FILES
 def test_a_plain_npy_file_is_not_a_checkpoint(tmp_path):
     path = str(tmp_path / "checkpoint.npz")
     with open(path, "wb") as fh:
@@ -365,7 +416,7 @@ def test_a_plain_npy_file_is_not_a_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
-def test_an_unwritable_run_directory_is_named(tmp_path, monkeypatch):
+def test_an_unwritable_run_directory_is_named(tmp_path, monkeypatch, tiny_run):
     from kfc_ref.experiments import rundir
 
     def refuse(path, exist_ok=False):
@@ -373,7 +424,7 @@ def test_an_unwritable_run_directory_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.os, "makedirs", refuse)
     out = str(tmp_path / "locked" / "run")
     with pytest.raises(RunDirectoryError) as exc:
-        train_mod.train(TrainConfig(out=out, **TINY_RUN))
+        train_mod.train(TrainConfig(out=out, **tiny_run))
     assert out in str(exc.value) and "Permission denied (EACCES)" in str(exc.value)
 
 
