@@ -4,7 +4,8 @@ process computes, to float64 round-off.
 In process, ranks are threads (tests/thread_comm.py), on the --xp module; across processes,
 ``mpiexec -n P`` with mpi4py (skipped with the reason when requirements-mpi.txt is not
 installed), on the optimizer API (tests/mpi_equivalence.py: dropout, statistics and nu subsets
-that some ranks hold none of) and on the ``train --distributed`` command.
+that some ranks hold none of) and on the ``train --distributed`` command.  The MPI processes
+run NumPy (one runs the guarded namespace), so they are host_only under a device --xp.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ ROUND_OFF = 1e-11
 HERE = os.path.dirname(os.path.abspath(__file__))
 MPI_MISSING = (None if importlib.util.find_spec("mpi4py") and shutil.which("mpiexec") else
                "mpi4py or mpiexec is missing: pip install -r requirements-mpi.txt")
+MPI_PROCESSES = pytest.mark.host_only("mpiexec subprocesses run NumPy (and the guarded "
+                                      "namespace); they cannot take this session's arrays")
+NO_ARRAYS = pytest.mark.host_only("integer and cost arithmetic, no arrays")
 
 
 def relative_difference(a, b) -> float:
@@ -39,6 +43,7 @@ def relative_difference(a, b) -> float:
 
 
 # --------------------------------------------------------------------------- pieces
+@NO_ARRAYS
 @given(n=st.integers(1, 50), size=st.integers(1, 8))
 def test_shards_cover_the_batch_once_and_differ_by_at_most_one(n, size):
     if n < size:
@@ -52,15 +57,17 @@ def test_shards_cover_the_batch_once_and_differ_by_at_most_one(n, size):
 
 @given(n=st.integers(2, 20), cut=st.integers(1, 19), width=st.integers(1, 7),
        key=st.integers(0, 2 ** 63 - 1))
-def test_example_random_rows_do_not_depend_on_the_split(n, cut, width, key):
+def test_example_random_rows_do_not_depend_on_the_split(n, cut, width, key, to_xp):
     """Row i of a draw depends on (key, stream, draw, example index) only: the rows a rank
-    draws for examples [cut, n) equal those one process draws for the whole batch."""
+    draws for examples [cut, n) equal those one process draws for the whole batch (drawn on
+    the --xp module)."""
     cut = min(cut, n - 1)
+    like = to_xp(np.zeros(1))
     whole = ExampleRandom(key, 0, np.arange(n))
     part = ExampleRandom(key, 0, np.arange(cut, n))
     for _ in range(2):                                  # two consecutive draws (two layers)
-        a = whole.uniform((n, width), like=np.zeros(1))
-        b = part.uniform((n - cut, width), like=np.zeros(1))
+        a = to_numpy(whole.uniform((n, width), like=like))
+        b = to_numpy(part.uniform((n - cut, width), like=like))
         np.testing.assert_array_equal(a[cut:], b)
     # Negative control: a NumPy Generator's rows do depend on the split.
     g = np.random.default_rng(key).random((n, width))[cut:]
@@ -77,10 +84,10 @@ def test_example_random_is_uniform_and_streams_differ(to_xp):
     assert u.min() >= 0.0 and u.max() < 1.0
     assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-4
     assert stats.kstest(u.ravel() ** 1.02, "uniform").pvalue < 1e-4   # negative control
-    draws = [ExampleRandom(k, s, np.arange(10)).uniform((10, 5), np.zeros(1))
+    draws = [to_numpy(ExampleRandom(k, s, np.arange(10)).uniform((10, 5), like))
              for k, s in ((3, 0), (4, 0), (3, 1))]
     r = ExampleRandom(3, 0, np.arange(10))
-    draws += [r.uniform((10, 5), np.zeros(1)), r.uniform((10, 5), np.zeros(1))]
+    draws += [to_numpy(r.uniform((10, 5), like)), to_numpy(r.uniform((10, 5), like))]
     for i in range(len(draws)):
         for j in range(i + 1, len(draws)):
             if (i, j) != (0, 3):                        # draw 0 of (3, 0) twice: equal
@@ -88,24 +95,26 @@ def test_example_random_is_uniform_and_streams_differ(to_xp):
     np.testing.assert_array_equal(draws[0], draws[3])
 
 
-def test_pack_and_unpack_keep_shapes_dtypes_and_precision():
-    arrays = [np.float32(1.5) * np.ones((2, 3), np.float32), np.arange(4.0) / 3, np.array(2.0)]
+def test_pack_and_unpack_keep_shapes_dtypes_and_precision(to_xp):
+    host = [np.float32(1.5) * np.ones((2, 3), np.float32), np.arange(4.0) / 3, np.array(2.0)]
+    arrays = [to_xp(a) for a in host]
     flat = pack(arrays)
     assert flat.dtype == np.float64 and flat.size == 11
     back = unpack(flat, arrays)
-    for a, b in zip(arrays, back):
+    for a, b in zip(host, back):
         assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, to_numpy(b))
 
 
-def test_local_comm_counts_payloads():
+def test_local_comm_counts_payloads(to_xp):
     comm = LocalComm()
-    comm.allreduce_sum([np.zeros(3), np.zeros((2, 2))], tag="gradients")
-    comm.broadcast([np.zeros(5, np.float32)], tag="inverses")
+    comm.allreduce_sum([to_xp(np.zeros(3)), to_xp(np.zeros((2, 2)))], tag="gradients")
+    comm.broadcast([to_xp(np.zeros(5, np.float32))], tag="inverses")
     assert comm.stats["gradients"].payload_bytes == 56 and comm.stats["gradients"].calls == 1
     assert comm.stats["inverses"].payload_bytes == 20
 
 
+@pytest.mark.host_only("optimizer configuration, no arrays")
 def test_kfac_refuses_more_than_one_rank():
     from kfc_ref.optim import make_optimizer
     from kfc_ref.validate import ArgumentError
@@ -130,10 +139,10 @@ def test_thread_ranks_match_one_process(optimizer, ranks, to_xp):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "kfc-pre"])
-def test_negative_control_a_forgotten_reduction_is_caught(optimizer):
+def test_negative_control_a_forgotten_reduction_is_caught(optimizer, to_xp):
     """Ranks that do not sum their parts drift far beyond ROUND_OFF."""
-    want = mpi_equivalence.run(optimizer, LocalComm(), np.asarray)
-    got = run_ranks(2, lambda comm: mpi_equivalence.run(optimizer, comm, np.asarray),
+    want = mpi_equivalence.run(optimizer, LocalComm(), to_xp)
+    got = run_ranks(2, lambda comm: mpi_equivalence.run(optimizer, comm, to_xp),
                     reduce=False)
     assert relative_difference(got[0][0], want[0]) > 1e3 * ROUND_OFF
 
@@ -148,6 +157,7 @@ def mpiexec(ranks: int, *args, cwd=None):
     return done
 
 
+@MPI_PROCESSES
 @pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
 @pytest.mark.parametrize("optimizer", ["sgd", "kfc-pre"])
 def test_mpi_ranks_match_one_process(optimizer, tmp_path):
@@ -167,6 +177,7 @@ def test_mpi_ranks_match_one_process(optimizer, tmp_path):
         assert relative_difference(rank0["theta_bar"], want[1]) < ROUND_OFF
 
 
+@MPI_PROCESSES
 @pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
 def test_mpi_stages_device_buffers_through_the_host(tmp_path):
     """On the guarded (CuPy-like) namespace the MPI communicator copies buffers through host
@@ -177,6 +188,7 @@ def test_mpi_stages_device_buffers_through_the_host(tmp_path):
     assert relative_difference(np.load(f"{prefix}.rank1.npz")["theta"], want[0]) < ROUND_OFF
 
 
+@MPI_PROCESSES
 @pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
 @pytest.mark.parametrize("optimizer", ["sgd", "kfc-pre"])
 def test_train_distributed_on_two_ranks_matches_one(optimizer, tmp_path):
@@ -195,6 +207,7 @@ def test_train_distributed_on_two_ranks_matches_one(optimizer, tmp_path):
     assert len(rows[0]) == len(rows[1]) == 3
 
 
+@pytest.mark.host_only("CLI error before any array is made")
 def test_distributed_without_mpi4py_says_what_to_install(tmp_path, monkeypatch, capsys):
     from kfc_ref.experiments.train import main
     monkeypatch.setitem(sys.modules, "mpi4py", None)
@@ -206,6 +219,7 @@ def test_distributed_without_mpi4py_says_what_to_install(tmp_path, monkeypatch, 
 
 
 # --------------------------------------------------------------------------- cost model
+@NO_ARRAYS
 def test_cost_model_terms():
     from kfc_ref.experiments.distributed_model import (
         MethodCosts, allreduce_seconds, broadcast_seconds, predict)
@@ -226,7 +240,7 @@ def test_cost_model_terms():
     assert rows[0]["time_to_target"] == pytest.approx(300 * 1e-3 * 4096)   # P = 1: no comm
 
 
-def test_bench_distributed_and_model_commands(tmp_path, monkeypatch, capsys):
+def test_bench_distributed_and_model_commands(tmp_path, monkeypatch, capsys, device):
     """One process (no MPI in the test process): the benchmark reports the payloads a P-rank
     run sends (gradients = all parameters in float32 + the loss), and the model draws them."""
     import json
@@ -235,7 +249,8 @@ def test_bench_distributed_and_model_commands(tmp_path, monkeypatch, capsys):
     from kfc_ref.nn.models import build_model
     monkeypatch.setattr(bench, "communicator", lambda device: LocalComm())
     out = tmp_path / "p1.json"
-    assert bench.main(["--batch-size", "8", "--iters", "10", "--out", str(out)]) == 0
+    assert bench.main(["--batch-size", "8", "--iters", "10", "--out", str(out),
+                       "--device", device]) == 0
     result = json.loads(out.read_text())
     params = build_model("cifar10", (3, 32, 32), 10).num_params
     kfc = result["methods"]["kfc-pre"]["tags"]
