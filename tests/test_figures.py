@@ -95,8 +95,6 @@ def test_kfc_trajectories_coincide_and_sgd_ones_do_not(results):
     assert losses["KFC (undamped)"][-1] < losses["KFC (undamped)"][0]   # it does train
 
 
-@pytest.mark.host_only("studies.whitening returns host NumPy (U, c, V, d) for device "
-                       "activations, so dagger_params mixes them with device parameters")
 def test_whitening_reparameterisation_whitens_and_keeps_the_function(to_xp):
     rng = np.random.default_rng(0)
     x = to_xp(rng.normal(1.0, 2.0, size=(40, 1, 8, 8)))
