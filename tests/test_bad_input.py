@@ -23,6 +23,10 @@ from kfc_ref.nn.models import tiny_convnet
 from kfc_ref.optim import make_optimizer
 from kfc_ref.validate import ArgumentError
 
+pytestmark = pytest.mark.host_only(
+    "argument validation at the API and CLI boundary happens on host values before "
+    "any array is built")
+
 TINY_RUN = dict(data="digits", max_train=64, max_test=32, batch_size=16, iters=2, eval_every=1,
                 eval_examples=32, quiet=True, seed=1)
 

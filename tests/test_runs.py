@@ -24,6 +24,12 @@ from kfc_ref.experiments.config import (EVAL_EXAMPLES, TRAIN_PER_EVAL_EXAMPLE, T
 from kfc_ref.experiments.progress import Progress
 from kfc_ref.experiments.train import RunInterrupted, read_metrics, train
 
+pytestmark = pytest.mark.host_only(
+    "run-directory robustness (SIGKILL, disk full, signals, copies, umask) is "
+    "host-side I/O; the device path of a whole run is "
+    "test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run, which builds its "
+    "guarded namespace itself")
+
 RUN = dict(optimizer="kfc-pre", lr=0.01, data="digits", max_train=128, max_test=32,
            eval_examples=32, batch_size=16, iters=12, eval_every=3, quiet=True, seed=5)
 
