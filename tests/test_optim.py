@@ -106,8 +106,9 @@ def test_kfc_pre_step_equals_dense_damped_solve(to_xp, seed, damping, weight_dec
                                   to_numpy(net.flatten(new_params)))
 
 
-def test_initial_factors_are_the_mean_of_batch_estimates():
+def test_initial_factors_are_the_mean_of_batch_estimates(to_xp):
     net, params, x, _ = tiny_problem(0)
+    params, x = [None if p is None else to_xp(p) for p in params], to_xp(x)
     opt = KFCPre(lr=0.1)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x[:4], x[4:]],
                                    np.random.default_rng(7))
@@ -117,8 +118,10 @@ def test_initial_factors_are_the_mean_of_batch_estimates():
             for xb in (x[:4], x[4:])]
     fa, fb = network_factors(ests[0]), network_factors(ests[1])
     for f, a, b in zip(state.factors, fa, fb):
-        np.testing.assert_allclose(f.Omega, (a.Omega + b.Omega) / 2, rtol=1e-14)
-        np.testing.assert_allclose(f.Gamma, (a.Gamma + b.Gamma) / 2, rtol=1e-14)
+        np.testing.assert_allclose(to_numpy(f.Omega), to_numpy((a.Omega + b.Omega) / 2),
+                                   rtol=1e-14)
+        np.testing.assert_allclose(to_numpy(f.Gamma), to_numpy((a.Gamma + b.Gamma) / 2),
+                                   rtol=1e-14)
     assert state.stats_count == 2 and state.inverses is not None
 
 
@@ -322,8 +325,9 @@ def test_kfc_pre_reduces_digits_training_loss(digits, to_xp):
                                      ("kfc-pre", {"lr": 0.01, "stats_period": 2}),
                                      ("kfac", {"lm_period": 2, "gamma_period": 2,
                                                "inverse_period": 2})])
-def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
+def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path, to_xp, device):
     net, params, x, y = tiny_problem(5, n=16)
+    params, x, y = [None if p is None else to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = make_optimizer(name, **kw)
     rng = np.random.default_rng(11)
     state = opt.init_state(net, params)
@@ -331,14 +335,14 @@ def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path):
         params, state, _ = opt.step(state, net, params, (x[k:k + 8], y[k:k + 8]), rng)
     np.savez(tmp_path / "state.npz", **state_to_numpy(state))
     with np.load(tmp_path / "state.npz", allow_pickle=False) as f:
-        restored = state_from_numpy(dict(f))
+        restored = state_from_numpy(dict(f), device)
     assert type(restored) is type(state) is opt.state_type
     rng_state = rng.bit_generator.state
     out_a = opt.step(state, net, params, (x[3:11], y[3:11]), rng)
     rng2 = np.random.default_rng()
     rng2.bit_generator.state = rng_state
     out_b = opt.step(restored, net, params, (x[3:11], y[3:11]), rng2)
-    for a, b in zip(net.flatten(out_a[0]), net.flatten(out_b[0])):
+    for a, b in zip(to_numpy(net.flatten(out_a[0])), to_numpy(net.flatten(out_b[0]))):
         assert a == b
     flat_a, flat_b = state_to_numpy(out_a[1]), state_to_numpy(out_b[1])
     assert flat_a.keys() == flat_b.keys()
