@@ -15,6 +15,10 @@ from kfc_ref import data
 
 from kfc_ref.data import readers as datasets
 
+pytestmark = pytest.mark.host_only(
+    "dataset readers, preprocessing and the mini-batch stream work on host arrays by design "
+    "(the device gather of mini-batches is tested in test_runs and test_launches)")
+
 # float32 output of the whitening; float64 eigen-decomposition, lam >> epsilon in the test data.
 ZCA_COV_ATOL = 1e-4
 # float32 rounding of standardized values over a few thousand elements.
@@ -22,10 +26,6 @@ STD_ATOL = 1e-5
 
 N_TRAIN_PER_BATCH, N_TEST = 2, 3
 N_SVHN_TRAIN, N_SVHN_TEST = 5, 4
-
-pytestmark = pytest.mark.host_only(
-    "file readers, dataset loading, preprocessing and minibatch index streams are host NumPy "
-    "by design; the device copy of the training set (DeviceBatches) is tested in test_runs")
 
 
 @pytest.fixture(autouse=True)

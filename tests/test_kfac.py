@@ -217,10 +217,10 @@ def test_eigendecomposition_refresh_schedule_and_initial_gamma(to_xp):
 
 
 @pytest.mark.slow
-def test_kfac_reduces_digits_training_loss(digits):  # noqa: F811 (fixture)
+def test_kfac_reduces_digits_training_loss(digits, to_xp):  # noqa: F811 (fixture)
     # lambda_0 = 150 (K-FAC's autoencoder value) adapts down too slowly for a 30-step test.
     # Over seeds 0-5 the loss ends at 0.21-0.32 from 2.68.
-    start, end, _ = train_digits(KFAC(initial_lambda=1.0), digits)
+    start, end, _ = train_digits(KFAC(initial_lambda=1.0), digits, to_xp=to_xp)
     assert start > 2.0 and end < 0.2 * start
 
 

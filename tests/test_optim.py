@@ -108,7 +108,7 @@ def test_kfc_pre_step_equals_dense_damped_solve(to_xp, seed, damping, weight_dec
 
 def test_initial_factors_are_the_mean_of_batch_estimates(to_xp):
     net, params, x, _ = tiny_problem(0)
-    params, x = [to_xp(p) for p in params], to_xp(x)
+    params, x = [None if p is None else to_xp(p) for p in params], to_xp(x)
     opt = KFCPre(lr=0.1)
     state = opt.initialize_factors(opt.init_state(net, params), net, params, [x[:4], x[4:]],
                                    np.random.default_rng(7))
@@ -282,18 +282,19 @@ def test_kfc_pre_refresh_schedule(to_xp):
 
 # --------------------------------------------------------------------------- (e)
 @pytest.fixture(scope="module")
-def digits(to_xp):
-    """sklearn's 8x8 digits (inputs, labels) on the --xp module."""
+def digits():
     d = load_digits()
-    return to_xp((d.images / 16.0).reshape(-1, 1, 8, 8)), to_xp(d.target)
+    return (d.images / 16.0).reshape(-1, 1, 8, 8), d.target
 
 
-def train_digits(opt, digits, iterations=30, batch=128, seed=0, init_batches=0):
-    """(start, end, averaged) training loss of ``opt`` on ``digits``, on the digits' module."""
-    x, y = digits
+def train_digits(opt, digits, iterations=30, batch=128, seed=0, init_batches=0, to_xp=None):
+    """(start, end, averaged) training losses of 30 steps on the digits, on the --xp module
+    when ``to_xp`` is given (mini-batches are chosen on the host, gathered there, moved)."""
+    to_xp = np.asarray if to_xp is None else to_xp
+    host_x, host_y = digits
+    x, y = to_xp(host_x), to_xp(host_y)
     net = small_convnet((1, 8, 8), 10, channels=(8, 16))
-    xp = get_xp(x)
-    params = [None if p is None else xp.asarray(p) for p in net.init(seed, dtype="float64")]
+    params = [None if p is None else to_xp(p) for p in net.init(seed, dtype="float64")]
     rng = np.random.default_rng(seed)
     state = opt.init_state(net, params)
     if init_batches:
@@ -306,21 +307,22 @@ def train_digits(opt, digits, iterations=30, batch=128, seed=0, init_batches=0):
 
     start = loss(params)
     for _ in range(iterations):
-        idx = rng.choice(len(x), batch, replace=False)
-        params, state, info = opt.step(state, net, params, (x[idx], y[idx]), rng)
+        idx = rng.choice(len(host_x), batch, replace=False)
+        params, state, info = opt.step(state, net, params,
+                                       (to_xp(host_x[idx]), to_xp(host_y[idx])), rng)
     return start, loss(params), loss(opt.averaged_params(net, state))
 
 
 # Bounds: over seeds 0-5, 30 iterations end at loss 0.37-0.82 (SGD, lr 0.1) and 0.09-0.25
 # (KFC-pre, lr 0.003, default T_s/T_f) from 2.68; the bounds leave room for either to vary.
-def test_sgd_reduces_digits_training_loss(digits):
-    start, end, averaged = train_digits(SGD(lr=0.1, averaging_tau=5), digits)
+def test_sgd_reduces_digits_training_loss(digits, to_xp):
+    start, end, averaged = train_digits(SGD(lr=0.1, averaging_tau=5), digits, to_xp=to_xp)
     assert start > 2.0 and end < 0.4 * start and averaged < 0.4 * start
 
 
-def test_kfc_pre_reduces_digits_training_loss(digits):
+def test_kfc_pre_reduces_digits_training_loss(digits, to_xp):
     start, end, averaged = train_digits(KFCPre(lr=0.003, averaging_tau=5), digits,
-                                        init_batches=4)
+                                        init_batches=4, to_xp=to_xp)
     assert start > 2.0 and end < 0.15 * start and averaged < 0.15 * start
 
 
@@ -332,7 +334,7 @@ def test_kfc_pre_reduces_digits_training_loss(digits):
 def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path, to_xp, device):
     """Steps on the --xp module; the state goes through the host (np.savez) and back."""
     net, params, x, y = tiny_problem(5, n=16)
-    params, x, y = [to_xp(p) for p in params], to_xp(x), to_xp(y)
+    params, x, y = [None if p is None else to_xp(p) for p in params], to_xp(x), to_xp(y)
     opt = make_optimizer(name, **kw)
     rng = np.random.default_rng(11)
     state = opt.init_state(net, params)
@@ -347,8 +349,8 @@ def test_state_round_trip_and_identical_resumed_step(name, kw, tmp_path, to_xp, 
     rng2 = np.random.default_rng()
     rng2.bit_generator.state = rng_state
     out_b = opt.step(restored, net, params, (x[3:11], y[3:11]), rng2)
-    np.testing.assert_array_equal(to_numpy(net.flatten(out_a[0])),
-                                  to_numpy(net.flatten(out_b[0])))
+    for a, b in zip(to_numpy(net.flatten(out_a[0])), to_numpy(net.flatten(out_b[0]))):
+        assert a == b
     flat_a, flat_b = state_to_numpy(out_a[1]), state_to_numpy(out_b[1])
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:

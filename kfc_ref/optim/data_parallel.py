@@ -29,7 +29,6 @@ import dataclasses
 
 import numpy as _host_np   # host row indices only
 
-from kfc_ref.backend import get_xp
 from kfc_ref.comm import LocalComm
 from kfc_ref.nn.keyed_random import ExampleRandom
 
@@ -109,7 +108,3 @@ def round_robin(count: int, comm, compute, templates, tag: str) -> list:
             start += len(part)
     return results
 
-
-def zeros_like_all(arrays) -> list:
-    """Zero arrays like ``arrays`` (a rank's contribution when it holds none of a subset)."""
-    return [get_xp(a).zeros_like(a) for a in arrays]
