@@ -297,7 +297,7 @@ class NcclComm:
     _TYPES = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64"}
 
     def __init__(self, mpi_comm):
-        from cupy.cuda import nccl         # noqa: F401  (CuPy's NCCL binding)
+        from cupy.cuda import nccl         # CuPy's NCCL binding
         self._nccl = nccl
         uid = nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None
         uid = mpi_comm.bcast(uid, root=0)

@@ -22,6 +22,7 @@ it in and out of each rank) and the seconds spent in the call, waiting included
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as _np   # host staging buffers for MPI
@@ -68,9 +69,7 @@ def unpack(flat, templates) -> list:
     """Arrays shaped and typed like ``templates`` from consecutive pieces of ``flat``."""
     out, start = [], 0
     for t in templates:
-        size = 1
-        for s in t.shape:
-            size *= s
+        size = math.prod(t.shape)
         out.append(flat[start:start + size].reshape(t.shape).astype(t.dtype, copy=False))
         start += size
     return out
@@ -91,12 +90,6 @@ class LocalComm(_Counting):
 
     def agree(self, value):
         return value
-
-    def barrier(self) -> None:
-        pass
-
-    def abort(self, code: int = 1) -> None:
-        raise SystemExit(code)
 
 
 def import_mpi():
@@ -157,9 +150,3 @@ class MPIComm(_Counting):
 
     def agree(self, value):
         return self._comm.bcast(value, root=0)
-
-    def barrier(self) -> None:
-        self._comm.Barrier()
-
-    def abort(self, code: int = 1) -> None:
-        self._comm.Abort(code)

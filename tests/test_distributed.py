@@ -74,6 +74,17 @@ def test_example_random_rows_do_not_depend_on_the_split(n, cut, width, key, to_x
     assert not np.array_equal(g, np.random.default_rng(key).random((n - cut, width)))
 
 
+def test_mix64_is_splitmix64(to_xp):
+    """The first outputs of SplitMix64 seeded with 0 (the published reference sequence): the
+    finaliser applied to k * 0x9E3779B97F4A7C15, on the host and on the --xp module."""
+    from kfc_ref.nn.keyed_random import mix64, mix64_int
+    want = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    states = [(k * 0x9E3779B97F4A7C15) % 2 ** 64 for k in (1, 2, 3)]
+    assert [mix64_int(z) for z in states] == want
+    got = to_numpy(mix64(to_xp(np.array(states, dtype=np.uint64))))
+    assert got.tolist() == want
+
+
 def test_example_random_is_uniform_and_streams_differ(to_xp):
     """Kolmogorov-Smirnov at 200,000 draws: a uniform sample passes at the 1e-4 level with
     probability 1 - 1e-4, and a 1% bias in the CDF (D ~ 0.01) is caught (critical D = 0.0095);

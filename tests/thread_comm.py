@@ -56,9 +56,6 @@ class ThreadComm:
     def agree(self, value):
         return self._exchange(value)[0]
 
-    def barrier(self) -> None:
-        self._exchange(None)
-
 
 def run_ranks(size: int, fn, reduce: bool = True) -> list:
     """[fn(comm_0), ..., fn(comm_{P-1})] computed on P threads (errors re-raised)."""

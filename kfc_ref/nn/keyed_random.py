@@ -32,20 +32,17 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def mix64_int(z: int) -> int:
-    """SplitMix64's finaliser on a Python int (taken mod 2^64)."""
-    z &= _MASK
-    z = ((z ^ (z >> 30)) * _MIX1) & _MASK
-    z = ((z ^ (z >> 27)) * _MIX2) & _MASK
-    return z ^ (z >> 31)
-
-
 def mix64(z):
     """SplitMix64's finaliser on a uint64 array (wrapping arithmetic), in its namespace."""
     xp = get_xp(z)
     z = (z ^ (z >> xp.uint64(30))) * xp.uint64(_MIX1)
     z = (z ^ (z >> xp.uint64(27))) * xp.uint64(_MIX2)
     return z ^ (z >> xp.uint64(31))
+
+
+def mix64_int(z: int) -> int:
+    """:func:`mix64` of one Python int (taken mod 2^64), on the host."""
+    return int(mix64(_host_np.array([z & _MASK], dtype=_host_np.uint64))[0])
 
 
 class ExampleRandom:
