@@ -54,6 +54,13 @@ import os as _os  # noqa: E402
 # first (as by `python -m kfc_ref`); a value set by the user wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")
 
+from kfc_ref import backend as _backend  # noqa: E402
+
+# Large temporaries reuse freed heap pages instead of being page-faulted in anew every step
+# (see backend.retain_freed_memory; KFC_REF_RETAIN_FREED_MEMORY=0 keeps glibc's default).
+if _os.environ.get(_backend.RETAIN_MEMORY_ENV, "1") != "0":
+    _backend.retain_freed_memory()
+
 from kfc_ref import curvature, data, nn, optim, theory  # noqa: E402  (after __version__)
 from kfc_ref.curvature import (  # noqa: E402
     KroneckerFactors, empirical_fisher, factored_inverse, fisher_blocks, kron_block,

@@ -17,8 +17,11 @@ arrays and the guarded test namespace implement it); CuPy arrays are recognised 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import os
+import sys
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +145,33 @@ def few_launches(xp) -> bool:
     return xp is not _np
 
 
+#: glibc ``mallopt`` parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+#: environment variable that turns :func:`retain_freed_memory` off at import ("0")
+RETAIN_MEMORY_ENV = "KFC_REF_RETAIN_FREED_MEMORY"
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it on free, so
+    each large temporary of a step (the CIFAR-10 net's [[A]]^T of its second conv is 105 MB at
+    batch 128) is page-faulted in anew, one page at a time: ~70 us per MB here, about a fifth
+    of a forward+backward step (``bench conv``: 0.17 -> 0.20 of matmul).  With mmap off
+    (``M_MMAP_MAX`` 0) and a 2 GB trim threshold the heap keeps the pages and the next step
+    reuses them; the price is a resident size that stays at its peak.  Called by
+    ``import kfc_ref`` unless the environment sets ``KFC_REF_RETAIN_FREED_MEMORY=0``; a no-op
+    off glibc.  Returns whether the setting was applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc (e.g. musl)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 _INDEX_CACHE: dict = {}
 _INDEX_CACHE_SIZE = 64
 
@@ -199,23 +229,76 @@ def _copy_pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def parallel_rows(fn, rows: int, size: int, threads: int | None = None) -> None:
+class _BlasThreads:
+    """One BLAS thread per caller while :func:`parallel_rows` blocks run GEMMs side by side.
+
+    A skinny GEMM (I = 32 output maps against N|T| = 32,768 columns) runs ~1.3x faster as two
+    single-threaded halves on two cores than as one two-threaded call (OpenBLAS splits such a
+    product poorly), so the blocks of a conv run one BLAS thread each.  OpenBLAS takes a new
+    thread count only from the main thread (calls from other threads are ignored), so the
+    limit is applied only there; it is counted, so nested regions restore the user's setting
+    once, when the outermost one ends.  Regions entered from other threads (ranks run as
+    threads) and BLAS libraries threadpoolctl does not know run unchanged: same results,
+    multi-threaded GEMMs."""
+
+    def __init__(self):
+        self._depth = 0
+        self._saved = None
+        self._libs = None
+
+    def _controllers(self):
+        if self._libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                self._libs = [lib for lib in ThreadpoolController().lib_controllers
+                              if lib.user_api == "blas"]
+            except Exception:  # pragma: no cover - threadpoolctl missing or broken
+                self._libs = []
+        return self._libs
+
+    @contextlib.contextmanager
+    def one_thread(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        if self._depth == 0:
+            libs = self._controllers()
+            self._saved = [lib.get_num_threads() for lib in libs]
+            for lib in libs:
+                lib.set_num_threads(1)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in zip(self._controllers(), self._saved):
+                    lib.set_num_threads(n)
+
+
+_ONE_BLAS_THREAD = _BlasThreads()
+
+
+def parallel_rows(fn, rows: int, size: int, threads: int | None = None,
+                  gemm: bool = False) -> None:
     """Call ``fn(r0, r1)`` on disjoint ranges covering ``range(rows)``: on :func:`host_threads`
     threads (or ``threads``) when the work touches ``size`` >= PARALLEL_COPY_MIN_SIZE entries,
     else once on the calling thread.  For NumPy passes that write disjoint row blocks
-    (NumPy releases the GIL in copies and ufuncs); exceptions propagate."""
+    (NumPy releases the GIL in copies, ufuncs and GEMMs); exceptions propagate.  ``gemm=True``:
+    the blocks run matrix products, each on one BLAS thread (:class:`_BlasThreads`)."""
     threads = host_threads() if threads is None else threads
     parts = min(threads, rows)
     if parts < 2 or size < PARALLEL_COPY_MIN_SIZE:
         fn(0, rows)
         return
     bounds = [(rows * i // parts, rows * (i + 1) // parts) for i in range(parts)]
-    futures = [_copy_pool(parts).submit(fn, a, b) for a, b in bounds[1:]]
-    try:
-        fn(*bounds[0])
-    finally:
-        for f in futures:
-            f.result()
+    with _ONE_BLAS_THREAD.one_thread() if gemm else contextlib.nullcontext():
+        futures = [_copy_pool(parts).submit(fn, a, b) for a, b in bounds[1:]]
+        try:
+            fn(*bounds[0])
+        finally:
+            for f in futures:
+                f.result()
 
 
 def parallel_copy(out, src, threads: int | None = None) -> None:
@@ -238,18 +321,24 @@ def strided_gather(x, shape: tuple, strides: tuple, offset: int = 0):
     xp = get_xp(x)
     if not _is_c_contiguous(x):
         raise ValueError("strided_gather needs a C-contiguous array")
-    flat = x.reshape(-1)
     if xp is _np or _is_cupy_array(x):
-        lib = _np.lib.stride_tricks if xp is _np else _import_cupy().lib.stride_tricks
-        size = x.itemsize
-        view = lib.as_strided(flat[offset:], shape=tuple(shape),
-                              strides=tuple(s * size for s in strides))
+        view = strided_view(x, shape, strides, offset)
         if xp is not _np:
             return xp.ascontiguousarray(view)
         out = _np.empty(view.shape, dtype=x.dtype)
         parallel_copy(out, view)
         return out
-    return xp.take(flat, flat_index(xp, shape, strides, offset))
+    return xp.take(x.reshape(-1), flat_index(xp, shape, strides, offset))
+
+
+def strided_view(x, shape: tuple, strides: tuple, offset: int = 0):
+    """The window view of a C-contiguous NumPy or CuPy ``x`` read by :func:`strided_gather`
+    (``as_strided``; no copy).  Callers that fill their own buffers in blocks copy from it."""
+    if not _is_c_contiguous(x):
+        raise ValueError("strided_view needs a C-contiguous array")
+    lib = _np.lib.stride_tricks if get_xp(x) is _np else _import_cupy().lib.stride_tricks
+    return lib.as_strided(x.reshape(-1)[offset:], shape=tuple(shape),
+                          strides=tuple(s * x.itemsize for s in strides))
 
 
 def scatter_add(out, index, values) -> None:

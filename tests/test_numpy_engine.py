@@ -1,19 +1,34 @@
 """NumPy engine speed paths: the threaded copy of kfc_ref.backend must give exactly the
-single-threaded result (it only splits a copy; host NumPy only), and the
-transposed-convolution input gradient must equal col2im(W^T DS^T) (on the --xp module)."""
+single-threaded result (it only splits a copy; host NumPy only); the blockwise conv products
+(cache-sized blocks of [[A]]^T on parallel threads, one BLAS thread each) must equal the
+loop twins for every geometry and every block size; and the transposed-convolution input
+gradient must equal col2im(W^T DS^T) (on the --xp module)."""
+import threading
+
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import kfc_ref.backend as backend
+import kfc_ref.nn.expand as expand
 from kfc_ref.backend import to_numpy
 from kfc_ref.nn.expand import (
     ConvGeometry,
     col2im_matrix,
     col2im_of_product,
+    conv_product,
     im2col_matrix,
     im2col_matrix_slices,
+    padded_input,
+    patch_gradient,
     transposed_padding,
 )
+from kfc_ref.nn.layers import Conv2d, Context
+from kfc_ref.nn.loops import conv2d_loops, im2col_loops
+from strategies import conv_cases, normal, seeds
+
+#: float64 products summed in another order (blocks, threads) than the loops
+BLOCKWISE_RTOL = 1e-12
 
 
 THREADED_COPY = pytest.mark.host_only("the threaded copy is the NumPy engine's (host threads)")
@@ -88,3 +103,121 @@ def test_transposed_is_refused_for_strided_convs():
     assert transposed_padding(geom) is None
     assert transposed_padding(ConvGeometry(3, 3, 1, 1)) == 1
     assert transposed_padding(ConvGeometry(3, 5, 1, 1)) is None
+
+
+def _force_blocks(monkeypatch, chunk_bytes, threads):
+    """Every size runs threaded (``threads`` host threads) and blockwise (``chunk_bytes``
+    per block: 1 gives one example per block)."""
+    monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
+    monkeypatch.setattr(backend, "host_threads", lambda: threads)
+    monkeypatch.setattr(expand, "CHUNK_BYTES", chunk_bytes)
+
+
+@THREADED_COPY
+@given(case=conv_cases(max_batch=5), seed=seeds, chunk_bytes=st.sampled_from([1, 700, 1 << 20]),
+       threads=st.integers(1, 3))
+def test_blockwise_conv_product_and_gradient_equal_the_loops(monkeypatch, case, seed,
+                                                              chunk_bytes, threads):
+    """conv_product (forward, Eq. 26) and patch_gradient (Eq. 28) built block by block on
+    threads equal the loop twins: the convolution loops, and DS^T [[A]] from the im2col
+    loops; with and without an already built [[A]]^T."""
+    with monkeypatch.context() as m:
+        _force_blocks(m, chunk_bytes, threads)
+        c = case
+        geom = ConvGeometry(c["kh"], c["kw"], c["stride"], c["padding"], c["dilation"])
+        x = normal(seed, c["n"], c["j"], c["h"], c["w"])
+        W = normal(seed + 1, c["i"], c["j"] * geom.num_offsets)
+        b = normal(seed + 2, c["i"])
+        ho, wo = geom.output_shape(c["h"], c["w"])
+        xpad = padded_input(x, geom)
+        s = conv_product(xpad, W, geom, bias=b)                      # (I, N, Ho, Wo)
+        ref = conv2d_loops(x, W.reshape(c["i"], c["j"], c["kh"], c["kw"]), b, c["stride"],
+                           c["padding"], c["dilation"])
+        np.testing.assert_allclose(s.transpose(1, 0, 2, 3), ref, rtol=BLOCKWISE_RTOL,
+                                   atol=BLOCKWISE_RTOL)
+        ds = normal(seed + 3, c["i"], c["n"] * ho * wo)
+        patches = im2col_loops(x, c["kh"], c["kw"], c["stride"], c["padding"], c["dilation"])
+        want = ds @ patches.reshape(-1, patches.shape[-1])              # DS^T [[A]]
+        for matrix in (None, im2col_matrix(x, geom)):
+            np.testing.assert_allclose(patch_gradient(xpad, geom, ds, matrix), want,
+                                       rtol=BLOCKWISE_RTOL, atol=BLOCKWISE_RTOL)
+
+
+@THREADED_COPY
+def test_blockwise_product_negative_control(monkeypatch):
+    """A block loop that skipped the last run of examples would leave their outputs
+    uninitialised: with one example per block, shifting the runs by one is caught."""
+    _force_blocks(monkeypatch, 1, 2)
+    geom = ConvGeometry(3, 3, 1, 1)
+    x, W = normal(0, 4, 2, 5, 5), normal(1, 3, 18)
+    good = conv_product(padded_input(x, geom), W, geom)
+    real = backend.parallel_rows
+    monkeypatch.setattr(expand, "parallel_rows",
+                        lambda fn, rows, size, **kw: real(fn, rows - 1, size, **kw))
+    assert not np.allclose(conv_product(padded_input(x, geom), W, geom)[:, -1], good[:, -1])
+
+
+@THREADED_COPY
+@given(case=conv_cases(max_batch=4), seed=seeds)
+def test_conv_layer_gradient_with_and_without_the_built_patches(monkeypatch, case, seed):
+    """Conv2d.backward takes DS^T [[A]] from [[A]]^T when the KFC statistics built it
+    (ConvCache.matrix) and blockwise from the cached input otherwise: same dW_bar and dx."""
+    with monkeypatch.context() as m:
+        _force_blocks(m, 1, 2)
+        c = case
+        layer = Conv2d(c["j"], c["i"], (c["kh"], c["kw"]), c["stride"], c["padding"],
+                       c["dilation"])
+        W = layer.init_param(None, np.random.default_rng(seed), "float64")
+        x = normal(seed + 1, c["n"], c["j"], c["h"], c["w"])
+        for cm in (False, True):
+            xin = x.transpose(1, 0, 2, 3).copy() if cm else x
+            out, cache = layer.forward(xin, W, Context(channel_major=cm))
+            dout = normal(seed + 2, *out.shape)
+            lazy = layer.backward(dout, cache, W)
+            assert cache.built is None                      # the backward built nothing
+            np.testing.assert_array_equal(cache.matrix, im2col_matrix(xin, layer.geom, cm))
+            built = layer.backward(dout, cache, W)
+            for a, b in zip(lazy, built):
+                np.testing.assert_allclose(a, b, rtol=BLOCKWISE_RTOL, atol=BLOCKWISE_RTOL)
+
+
+@THREADED_COPY
+def test_one_blas_thread_per_block_and_restored(monkeypatch):
+    """Inside parallel_rows(gemm=True) called from the main thread, BLAS runs one thread in
+    every block, nested regions included; the caller's setting comes back afterwards.  From
+    another thread (where OpenBLAS ignores a new count) the setting is left alone."""
+    libs = backend._ONE_BLAS_THREAD._controllers()
+    if not libs:
+        pytest.skip("threadpoolctl sees no BLAS library to limit")
+    monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
+    before = [lib.get_num_threads() for lib in libs]
+    seen = []
+
+    def inner(r0, r1):
+        seen.append(libs[0].get_num_threads())
+
+    def outer(r0, r1):
+        seen.append(libs[0].get_num_threads())
+        if r0 == 0:                       # a nested region on the main thread
+            backend.parallel_rows(inner, 2, 10, threads=2, gemm=True)
+    backend.parallel_rows(outer, 2, 10, threads=2, gemm=True)
+    assert len(seen) == 4 and (before == [1] or set(seen) == {1})
+    assert [lib.get_num_threads() for lib in libs] == before
+    worker = threading.Thread(
+        target=lambda: backend.parallel_rows(inner, 2, 10, threads=2, gemm=True))
+    worker.start()
+    worker.join()
+    assert seen[-2:] == [before[0]] * 2
+    assert [lib.get_num_threads() for lib in libs] == before
+
+
+@pytest.mark.host_only("glibc malloc settings of this process")
+def test_retain_freed_memory_applies_on_linux():
+    import sys
+    applied = backend.retain_freed_memory()
+    assert applied is (sys.platform.startswith("linux") and _has_glibc())
+
+
+def _has_glibc() -> bool:
+    import ctypes
+    return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")

@@ -21,7 +21,15 @@ import numpy as _host_np  # host-side initialisation only (seeded Generators)
 
 from kfc_ref.backend import asarray_like, get_xp
 from kfc_ref.nn.keyed_random import draw_uniform
-from kfc_ref.nn.expand import ConvGeometry, col2im_of_product, im2col_matrix, patches_view
+from kfc_ref.nn.expand import (
+    ConvGeometry,
+    col2im_of_product,
+    conv_product,
+    padded_input,
+    patch_gradient,
+    patch_matrix_of_padded,
+    patches_view,
+)
 from kfc_ref.validate import check_int, check_number
 
 
@@ -84,17 +92,31 @@ class Layer:
 # --------------------------------------------------------------------------- Conv2d
 @dataclass
 class ConvCache:
-    """What Conv2d keeps: [[A]]^T as a (J|Delta|, N|T|) matrix, the input shape (in the layout
-    of the input) and whether that layout is channel-major.  ``cache[0]`` is the (N, |T|,
-    J|Delta|) patches view, as before the channel-major engine."""
+    """What Conv2d keeps: its input, zero-padded and channel-major, (J, N, H + 2p, W + 2p)
+    (:func:`~kfc_ref.nn.expand.padded_input`), the input's shape (in its own layout) and
+    whether that layout is channel-major.
 
-    matrix: object
+    [[A]]^T, |Delta| times larger, is not kept by the forward pass: ``matrix`` builds the
+    (J|Delta|, N|T|) matrix on first request (the KFC statistics, App. A) and keeps it;
+    the backward pass uses it when it exists and otherwise rebuilds cache-sized blocks from the
+    padded input.  ``cache[0]`` is the (N, |T|, J|Delta|) patches view."""
+
+    padded: object
+    geom: ConvGeometry
     input_shape: tuple
     channel_major: bool
+    built: object = None
 
     @property
     def batch(self) -> int:
         return self.input_shape[1] if self.channel_major else self.input_shape[0]
+
+    @property
+    def matrix(self):
+        """[[A]]^T (J|Delta|, N|T|), gathered once (Eq. 25)."""
+        if self.built is None:
+            self.built = patch_matrix_of_padded(self.padded, self.geom)
+        return self.built
 
     def __getitem__(self, k):
         return (patches_view(self.matrix, self.batch), self.input_shape)[k]
@@ -150,26 +172,21 @@ class Conv2d(Layer):
             raise ValueError(f"Conv2d: W_bar has shape {tuple(W.shape)}, expected "
                              f"{self.param_shape} (I, 1 + J*kh*kw)")
 
-    def _linear(self, matrix, W, cache: ConvCache, bias: bool = True):
-        """S^T = W [[A]]^T (+ b 1^T): one (I x J|Delta|) (J|Delta| x N|T|) GEMM -> (I, N|T|),
-        returned as (I, N, Ho, Wo) (channel-major) or an (N, I, Ho, Wo) copy."""
-        xp = get_xp(matrix, W)
-        s = W[:, 1:] @ matrix
-        if bias:
-            s += W[:, 0][:, None]
-        i_shape = cache.input_shape
-        h, w = i_shape[2], i_shape[3]
-        ho, wo = self.geom.output_shape(h, w)
-        s = s.reshape(-1, cache.batch, ho, wo)
-        if cache.channel_major:
+    @staticmethod
+    def _layout(s, channel_major: bool):
+        """An (I, N, Ho, Wo) result as is (channel-major) or as an (N, I, Ho, Wo) copy."""
+        if channel_major:
             return s
-        return xp.ascontiguousarray(s.transpose(1, 0, 2, 3))
+        return get_xp(s).ascontiguousarray(s.transpose(1, 0, 2, 3))
 
     def forward(self, x, W=None, ctx=None):
+        """S^T = W [[A]]^T + b 1^T, one (I x J|Delta|)(J|Delta| x N|T|) product
+        (:func:`~kfc_ref.nn.expand.conv_product`) -> (I, N, Ho, Wo) in the input's layout."""
         cm = _channel_major(ctx)
         self._check(x, W, cm)
-        cache = ConvCache(im2col_matrix(x, self.geom, cm), tuple(x.shape), cm)
-        return self._linear(cache.matrix, W, cache), cache
+        xpad = padded_input(x, self.geom, cm)
+        s = conv_product(xpad, W[:, 1:], self.geom, bias=W[:, 0])
+        return self._layout(s, cm), ConvCache(xpad, self.geom, tuple(x.shape), cm)
 
     @staticmethod
     def derivatives(dout):
@@ -196,10 +213,8 @@ class Conv2d(Layer):
         None): the network's first layer, whose input gradient nobody reads."""
         xp = get_xp(dout, W)
         ds = self._ds_matrix(dout, cache)                         # DS^T, (I, N|T|)
-        A = cache.matrix                                          # [[A]]^T, (J|Delta|, N|T|)
-        # [[A]]^T DS (K x I), then transposed: OpenBLAS is several times faster with the long
-        # N|T| axis as the contraction of a (K x N|T|)(N|T| x I) product in this order.
-        dW = xp.concatenate([xp.sum(ds, axis=1)[:, None], (A @ ds.T).T], axis=1)
+        dW = xp.concatenate([xp.sum(ds, axis=1)[:, None],
+                             patch_gradient(cache.padded, self.geom, ds, cache.built)], axis=1)
         if not input_grad:
             return None, dW
         shape = cache.input_shape
@@ -209,17 +224,16 @@ class Conv2d(Layer):
 
     def jvp(self, dx, cache, W=None, dW=None):
         """d s = [[dx]] W^T + [[A]]_H dW_bar^T (bilinear in input and parameters)."""
-        out = None
+        cm, out = cache.channel_major, None
         if dW is not None:
-            out = self._linear(cache.matrix, dW, cache)
+            out = conv_product(cache.padded, dW[:, 1:], self.geom, bias=dW[:, 0])
         if dx is not None:
-            ds = self._linear(im2col_matrix(dx, self.geom, cache.channel_major), W, cache,
-                              bias=False)
+            ds = conv_product(padded_input(dx, self.geom, cm), W[:, 1:], self.geom)
             if out is None:
                 out = ds
             else:
-                out += ds                 # both fresh arrays from _linear: no third temporary
-        return out
+                out += ds                 # both fresh arrays: no third temporary
+        return None if out is None else self._layout(out, cm)
 
 
 # --------------------------------------------------------------------------- Dense
