@@ -205,8 +205,10 @@ def _is_c_contiguous(a) -> bool:
     return bool(flags is not None and flags.c_contiguous)
 
 
-#: below this many entries a copy runs on the calling thread (a pool hand-off costs ~50 us)
-PARALLEL_COPY_MIN_SIZE = 1 << 20
+#: below this many entries work runs on the calling thread: a pool hand-off costs ~0.1 ms on
+#: a 2-core VM, the time of one elementwise pass over ~250k float32 entries, so the threads pay
+#: off from here for the layers' multi-pass blocks (pools, rnorm) and the conv blocks
+PARALLEL_COPY_MIN_SIZE = 1 << 18
 _POOL: dict = {}
 _POOL_LOCK = threading.Lock()
 

@@ -206,8 +206,12 @@ def conv_product(xpad, weights, geom: ConvGeometry, bias=None):
         s = xp.empty((i, n * t), dtype=xp.result_type(weights, xpad))
 
         def product(block, c0, c1):
-            xp.matmul(weights, block, out=s[:, c0 * t:c1 * t])
+            part = s[:, c0 * t:c1 * t]
+            xp.matmul(weights, block, out=part)
+            if bias is not None:
+                part += bias[:, None]              # while the block's output is in cache
         _patch_blocks(xpad, geom, product)
+        return s.reshape(i, n, ho, wo)
     if bias is not None:
         s += bias[:, None]
     return s.reshape(i, n, ho, wo)
