@@ -68,14 +68,16 @@ def test_independent_expectation_equals_expected_gamma(xp):
 
 
 def test_mutated_library_conventions_fail_the_checks(monkeypatch, device):
-    original_gamma, original_omega = factors.gamma_from_derivatives, factors.omega_from_patches
-    monkeypatch.setattr(factors, "gamma_from_derivatives",
-                        lambda ds: original_gamma(ds) * ds.shape[1])          # no 1/|T|
+    """The estimators' own formulas (those the optimizers use) with a convention broken."""
+    original_gamma = factors.gamma_from_derivative_matrix
+    original_omega = factors.omega_from_moments
+    monkeypatch.setattr(factors, "gamma_from_derivative_matrix",          # no 1/|T|
+                        lambda D, scale, n: original_gamma(D, scale, n) * (D.shape[1] // n))
     res = run_checks(0, "float64", device, names=["estimators.gamma_unbiased"])[0]
     assert not res.passed and res.error > 50
-    monkeypatch.setattr(factors, "gamma_from_derivatives", original_gamma)
-    monkeypatch.setattr(factors, "omega_from_patches",
-                        lambda patches: original_omega(patches) / patches.shape[1])
+    monkeypatch.setattr(factors, "gamma_from_derivative_matrix", original_gamma)
+    monkeypatch.setattr(factors, "omega_from_moments",
+                        lambda sums, gram, n, t: original_omega(sums, gram, n, t) / t)
     res = run_checks(0, "float64", device, names=["estimators.omega_exact"])[0]
     assert not res.passed and res.error > 0.5
 

@@ -178,3 +178,36 @@ def test_a_layer_written_for_nchw_only_keeps_the_network_in_the_public_layout(to
     for layer, W in zip(net.layers, params):
         h, _ = layer.forward(h, W)
     np.testing.assert_allclose(to_numpy(tape.output), to_numpy(h), rtol=1e-12)
+
+
+def test_statistics_backward_and_records_read_what_the_passes_hold(to_xp):
+    """The KFC statistics' backward (param_grads=False) gives the same douts as the gradient's
+    and no weight gradients; the records' Omega and Gamma, from patch moments and the douts
+    matrix (neither [[A]] nor DS built), equal those from the built patches and DS
+    (float64: the same sums in another order)."""
+    from kfc_ref.curvature.factors import gamma_from_derivatives, network_factors, \
+        omega_from_patches
+    net = every_layer_net()
+    params = [None if p is None else to_xp(p) for p in net.init(7, "float64")]
+    rng = np.random.default_rng(7)
+    x, y = to_xp(rng.normal(size=(4, 2, 7, 7))), to_xp(rng.integers(0, 5, 4))
+    tape = net.forward(params, x)
+    _, dlogits = softmax_cross_entropy(tape.output, y)
+    grads, douts = net.backward(params, tape, dlogits)
+    no_grads, stat_douts = net.backward(params, tape, dlogits, param_grads=False)
+    assert all(g is None for g in no_grads) and sorted(stat_douts) == sorted(douts)
+    for i in douts:
+        np.testing.assert_array_equal(to_numpy(stat_douts[i]), to_numpy(douts[i]))
+    records = net.records(tape, stat_douts)
+    factors = network_factors(records)
+    for rec, f in zip(records, factors):
+        assert rec.num_examples == 4 and rec.num_locations == rec.patches.shape[1]
+        np.testing.assert_allclose(to_numpy(f.Omega), to_numpy(omega_from_patches(rec.patches)),
+                                   rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(to_numpy(f.Gamma), to_numpy(gamma_from_derivatives(rec.DS)),
+                                   rtol=1e-12, atol=1e-13)
+        assert f.num_locations == rec.num_locations
+    # negative control: dropping the N scale of the douts is caught
+    rec = records[0]
+    wrong = gamma_from_derivatives(rec.layer.derivatives(rec.dout))
+    assert not np.allclose(to_numpy(wrong), to_numpy(factors[0].Gamma))

@@ -21,6 +21,7 @@ from kfc_ref.nn.expand import (
     im2col_matrix_slices,
     padded_input,
     patch_gradient,
+    patch_moments,
     transposed_padding,
 )
 from kfc_ref.nn.layers import Conv2d, Context
@@ -118,9 +119,10 @@ def _force_blocks(monkeypatch, chunk_bytes, threads):
        threads=st.integers(1, 3))
 def test_blockwise_conv_product_and_gradient_equal_the_loops(monkeypatch, case, seed,
                                                               chunk_bytes, threads):
-    """conv_product (forward, Eq. 26) and patch_gradient (Eq. 28) built block by block on
-    threads equal the loop twins: the convolution loops, and DS^T [[A]] from the im2col
-    loops; with and without an already built [[A]]^T."""
+    """conv_product (forward, Eq. 26), patch_gradient (Eq. 28) and patch_moments (Omega's
+    sums, Eq. 23) built block by block on threads equal the loop twins: the convolution loops,
+    and DS^T [[A]], the column sums and [[A]]^T [[A]] from the im2col loops; with and without
+    an already built [[A]]^T."""
     with monkeypatch.context() as m:
         _force_blocks(m, chunk_bytes, threads)
         c = case
@@ -138,9 +140,16 @@ def test_blockwise_conv_product_and_gradient_equal_the_loops(monkeypatch, case, 
         ds = normal(seed + 3, c["i"], c["n"] * ho * wo)
         patches = im2col_loops(x, c["kh"], c["kw"], c["stride"], c["padding"], c["dilation"])
         want = ds @ patches.reshape(-1, patches.shape[-1])              # DS^T [[A]]
+        flat = patches.reshape(-1, patches.shape[-1])                    # (N|T|, K)
         for matrix in (None, im2col_matrix(x, geom)):
             np.testing.assert_allclose(patch_gradient(xpad, geom, ds, matrix), want,
                                        rtol=BLOCKWISE_RTOL, atol=BLOCKWISE_RTOL)
+            sums, gram = patch_moments(xpad, geom, matrix)                # Omega's two sums
+            np.testing.assert_allclose(sums, flat.sum(axis=0), rtol=BLOCKWISE_RTOL,
+                                       atol=BLOCKWISE_RTOL)
+            np.testing.assert_allclose(gram, flat.T @ flat, rtol=BLOCKWISE_RTOL,
+                                       atol=BLOCKWISE_RTOL)
+            np.testing.assert_array_equal(gram, gram.T)                 # exactly symmetric
 
 
 @THREADED_COPY

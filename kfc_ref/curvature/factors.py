@@ -29,36 +29,56 @@ class KroneckerFactors:
     num_locations: int
 
 
-def omega_from_patches(patches):
-    """Omega = (1/N) sum_n [[A_n]]_H^T [[A_n]]_H from patches (N, |T|, K) without building
-    [[A]]_H: the ones column contributes |T| at (0, 0) and the patch sums in row/column 0."""
-    xp = get_xp(patches)
-    n, t, k = patches.shape
-    flat = patches.reshape(n * t, k)
-    omega = xp.empty((k + 1, k + 1), dtype=patches.dtype)
+def omega_from_moments(column_sums, gram, n: int, t: int):
+    """Omega = (1/N) sum_n [[A_n]]_H^T [[A_n]]_H assembled from the two sums over the N|T|
+    patch rows, ``column_sums`` (K,) and ``gram`` = [[A]]^T [[A]] (K, K): the ones column
+    contributes |T| at (0, 0) and the patch sums in row/column 0."""
+    xp = get_xp(gram)
+    k = gram.shape[0]
+    omega = xp.empty((k + 1, k + 1), dtype=gram.dtype)
     omega[0, 0] = t
-    col_sum = xp.sum(flat, axis=0) / n
+    col_sum = column_sums / n
     omega[0, 1:] = col_sum
     omega[1:, 0] = col_sum
-    omega[1:, 1:] = (xp.transpose(flat) @ flat) / n
+    omega[1:, 1:] = gram / n
     return omega
 
 
+def omega_from_patches(patches):
+    """Omega = (1/N) sum_n [[A_n]]_H^T [[A_n]]_H from patches (N, |T|, K) without building
+    [[A]]_H (:func:`omega_from_moments`)."""
+    xp = get_xp(patches)
+    n, t, k = patches.shape
+    flat = patches.reshape(n * t, k)
+    return omega_from_moments(xp.sum(flat, axis=0), xp.transpose(flat) @ flat, n, t)
+
+
+def gamma_from_derivative_matrix(D, scale: float, n: int):
+    """Gamma = (1/(N|T|)) sum_n DS_n^T DS_n with DS^T = ``scale`` * D, from the (I, N|T|)
+    matrix D of N examples: scale^2 D D^T / (N |T|), one symmetric rank-k update, no
+    (N, |T|, I) copy.  The records pass the backpropagated douts of the mean loss with
+    scale = N (per-example derivatives, docs/conventions.md)."""
+    t = D.shape[1] // n
+    return (D @ D.T) * (scale * scale / (n * t))
+
+
 def gamma_from_derivatives(DS):
-    """Gamma = (1/(N|T|)) sum_n DS_n^T DS_n from per-example derivatives DS (N, |T|, I)."""
-    xp = get_xp(DS)
+    """Gamma = (1/(N|T|)) sum_n DS_n^T DS_n from per-example derivatives DS (N, |T|, I)
+    (:func:`gamma_from_derivative_matrix`)."""
     n, t, i = DS.shape
-    flat = DS.reshape(n * t, i)
-    return (xp.transpose(flat) @ flat) / (n * t)
+    return gamma_from_derivative_matrix(DS.reshape(n * t, i).T, 1.0, n)
 
 
 def layer_factors(record) -> KroneckerFactors:
-    """Omega and Gamma of one :class:`kfc_ref.nn.network.LayerRecord` (DS must be present)."""
-    if record.DS is None:
+    """Omega and Gamma of one :class:`kfc_ref.nn.network.LayerRecord` (DS must be present),
+    from its patch moments and derivative matrix (neither [[A]] nor DS is built)."""
+    D = record.derivative_matrix()
+    if D is None:
         raise ValueError(f"record of layer {record.layer_index} has no DS; run a backward pass "
                          "with sampled targets (Sequential.sampled_records) first")
-    return KroneckerFactors(omega_from_patches(record.patches),
-                            gamma_from_derivatives(record.DS), record.num_locations)
+    n, t = record.num_examples, record.num_locations
+    return KroneckerFactors(omega_from_moments(*record.patch_moments(), n, t),
+                            gamma_from_derivative_matrix(D, record.scale, n), t)
 
 
 def network_factors(records) -> list[KroneckerFactors]:

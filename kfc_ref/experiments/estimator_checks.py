@@ -14,8 +14,8 @@
   example each) against its exact expectation, scaled by the exact Monte-Carlo standard error.
   The expectation sum_n sum_c p_nc DS_nc^T DS_nc / (N |T|) is built here by enumerating the
   classes; it equals ``curvature.fisher.expected_gamma`` (tests pin that), which is not used
-  directly because it shares ``factors.gamma_from_derivatives`` with the estimator, so a wrong
-  convention there would cancel out.
+  directly because it shares ``factors.gamma_from_derivative_matrix`` with the estimator, so
+  a wrong convention there would cancel out.
 * Negative controls: Gamma without its 1/|T| (``control.gamma_without_1_over_T``) and Omega
   divided by |T| (``control.omega_divided_by_T``) must fail these checks.
 """

@@ -156,12 +156,13 @@ def im2col_matrix(x, geom: ConvGeometry, channel_major: bool = False):
 CHUNK_BYTES = 1 << 20
 
 
-def _patch_blocks(xpad, geom: ConvGeometry, use):
+def _patch_blocks(xpad, geom: ConvGeometry, use, min_columns: int = 1):
     """Call ``use(block, c0, c1)`` for consecutive runs c0:c1 of examples, ``block`` being
     columns c0|T| : c1|T| of [[A]]^T gathered into a C-contiguous (J|Delta|, (c1-c0)|T|)
-    buffer of about :data:`CHUNK_BYTES`; the runs are split over
-    :func:`~kfc_ref.backend.parallel_rows` threads, one BLAS thread each, with a buffer per
-    thread.  Returns the list of the non-None values ``use`` returned, summed per thread.
+    buffer of about :data:`CHUNK_BYTES` (and at least ``min_columns`` columns); the runs are
+    split over :func:`~kfc_ref.backend.parallel_rows` threads, one BLAS thread each, with a
+    buffer per thread.  ``use`` returns None or a tuple of arrays; the tuples are summed
+    (per thread, then over threads) and the sum returned (None when nothing was returned).
     [[A]]^T itself (25x the input for a 5x5 kernel) is never written to memory: each block is
     built from the cached input and consumed by its GEMM while it is in cache."""
     xp = get_xp(xpad)
@@ -170,8 +171,8 @@ def _patch_blocks(xpad, geom: ConvGeometry, use):
     shape, strides = _window_layout(geom, xpad.shape, ho, wo)
     windows = strided_view(xpad, shape, strides)               # (J, kh, kw, N, Ho, Wo)
     k, t = j * geom.num_offsets, ho * wo
-    step = max(1, CHUNK_BYTES // (k * t * xpad.itemsize))
-    totals = []
+    step = max(1, CHUNK_BYTES // (k * t * xpad.itemsize), -(-min_columns // t))
+    totals = {}
 
     def run(n0, n1):
         flat = xp.empty(k * min(step, n1 - n0) * t, dtype=xpad.dtype)
@@ -182,11 +183,20 @@ def _patch_blocks(xpad, geom: ConvGeometry, use):
             block[...] = windows[:, :, :, c0:c1]
             value = use(block.reshape(k, (c1 - c0) * t), c0, c1)
             if value is not None:
-                total = value if total is None else total + value
-        if total is not None:
-            totals.append(total)
+                total = value if total is None else _add_tuples(total, value)
+        totals[n0] = total
     parallel_rows(run, n, k * n * t, gemm=True)
-    return totals
+    result = None
+    for n0 in sorted(totals):                   # a fixed order: the same sum on every run
+        if totals[n0] is not None:
+            result = totals[n0] if result is None else _add_tuples(result, totals[n0])
+    return result
+
+
+def _add_tuples(a: tuple, b: tuple) -> tuple:
+    for x, y in zip(a, b):
+        x += y
+    return a
 
 
 def conv_product(xpad, weights, geom: ConvGeometry, bias=None):
@@ -231,11 +241,26 @@ def patch_gradient(xpad, geom: ConvGeometry, ds, matrix=None):
     if matrix is not None:
         return (matrix @ ds.T).T
     t = ds.shape[1] // xpad.shape[1]
-    parts = _patch_blocks(xpad, geom, lambda block, c0, c1: block @ ds[:, c0 * t:c1 * t].T)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
+    (total,) = _patch_blocks(xpad, geom, lambda block, c0, c1: (block @ ds[:, c0 * t:c1 * t].T,))
     return total.T
+
+
+def patch_moments(xpad, geom: ConvGeometry, matrix=None):
+    """The two sums over the N|T| rows of [[A]] that Omega needs (Eq. 23, App. A): the column
+    sums (K,) and the Gram matrix [[A]]^T [[A]] (K, K), K = J|Delta|, of a padded
+    channel-major input.  With ``matrix`` ([[A]]^T, already built) or on a few-launch
+    namespace: from the whole matrix (a symmetric rank-k update).  NumPy: blockwise
+    (:func:`_patch_blocks`), blocks of at least 4K columns so that adding the K x K partial
+    sums stays cheap next to their products; [[A]]^T is never built."""
+    xp = get_xp(xpad)
+    if matrix is None and few_launches(xp):
+        matrix = patch_matrix_of_padded(xpad, geom)
+    if matrix is not None:
+        return xp.sum(matrix, axis=1), matrix @ matrix.T
+    k = xpad.shape[0] * geom.num_offsets
+    return _patch_blocks(xpad, geom, lambda block, c0, c1: (xp.sum(block, axis=1),
+                                                            block @ block.T),
+                         min_columns=4 * k)
 
 
 def im2col_matrix_slices(x, geom: ConvGeometry, channel_major: bool = False):

@@ -28,6 +28,7 @@ from kfc_ref.nn.expand import (
     padded_input,
     patch_gradient,
     patch_matrix_of_padded,
+    patch_moments,
     patches_view,
 )
 from kfc_ref.validate import check_int, check_number
@@ -200,6 +201,26 @@ class Conv2d(Layer):
         return cache[0]
 
     @staticmethod
+    def num_examples(cache) -> int:
+        return cache.batch
+
+    def num_locations(self, cache) -> int:
+        """|T| = Ho Wo."""
+        ho, wo = self.geom.output_shape(*cache.input_shape[2:])
+        return ho * wo
+
+    def patch_moments(self, cache):
+        """(column sums (J|Delta|,), [[A]]^T [[A]]) over the N|T| patch rows, without building
+        [[A]]^T unless it exists (:func:`~kfc_ref.nn.expand.patch_moments`)."""
+        return patch_moments(cache.padded, self.geom, cache.built)
+
+    @staticmethod
+    def derivative_matrix(dout):
+        """dout (N, I, Ho, Wo) as the (I, N|T|) matrix DS^T: a view of the network's
+        channel-major array."""
+        return dout.transpose(1, 0, 2, 3).reshape(dout.shape[1], -1)
+
+    @staticmethod
     def _ds_matrix(dout, cache: ConvCache):
         """DS^T as an (I, N|T|) matrix from dout in the cache's layout."""
         i = dout.shape[0] if cache.channel_major else dout.shape[1]
@@ -207,14 +228,18 @@ class Conv2d(Layer):
             dout = dout.transpose(1, 0, 2, 3)
         return dout.reshape(i, -1)
 
-    def backward(self, dout, cache, W=None, input_grad: bool = True):
+    def backward(self, dout, cache, W=None, input_grad: bool = True, weight_grad: bool = True):
         """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(W^T DS^T) (Eq. 27).
         Both are single GEMMs over all N|T| columns.  ``input_grad=False`` skips dx (returns
-        None): the network's first layer, whose input gradient nobody reads."""
+        None): the network's first layer, whose input gradient nobody reads;
+        ``weight_grad=False`` skips dW_bar (the backward pass of the KFC statistics)."""
         xp = get_xp(dout, W)
         ds = self._ds_matrix(dout, cache)                         # DS^T, (I, N|T|)
-        dW = xp.concatenate([xp.sum(ds, axis=1)[:, None],
-                             patch_gradient(cache.padded, self.geom, ds, cache.built)], axis=1)
+        dW = None
+        if weight_grad:
+            dW = xp.concatenate([xp.sum(ds, axis=1)[:, None],
+                                 patch_gradient(cache.padded, self.geom, ds, cache.built)],
+                                axis=1)
         if not input_grad:
             return None, dW
         shape = cache.input_shape
@@ -286,9 +311,29 @@ class Dense(Layer):
         """The input as (N, 1, J): a dense layer is a 1x1 conv on a 1x1 map."""
         return cache[:, None, :]
 
-    def backward(self, dout, cache, W=None, input_grad: bool = True):
+    @staticmethod
+    def num_examples(cache) -> int:
+        return cache.shape[0]
+
+    @staticmethod
+    def num_locations(cache) -> int:
+        return 1
+
+    @staticmethod
+    def patch_moments(cache):
+        """(column sums (J,), A^T A (J, J)) of the (N, J) input."""
+        return get_xp(cache).sum(cache, axis=0), cache.T @ cache
+
+    @staticmethod
+    def derivative_matrix(dout):
+        """dout (N, I) as the (I, N) matrix DS^T (a view)."""
+        return dout.T
+
+    def backward(self, dout, cache, W=None, input_grad: bool = True, weight_grad: bool = True):
         xp = get_xp(dout, W)
-        dW = xp.concatenate([xp.sum(dout, axis=0)[:, None], dout.T @ cache], axis=1)
+        dW = None
+        if weight_grad:
+            dW = xp.concatenate([xp.sum(dout, axis=0)[:, None], dout.T @ cache], axis=1)
         return (dout @ W[:, 1:] if input_grad else None), dW
 
     def jvp(self, dx, cache, W=None, dW=None):

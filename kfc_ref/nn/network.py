@@ -16,6 +16,7 @@ backpropagated dout times N (docs/conventions.md).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as _host_np  # seeded host initialisation only
@@ -30,15 +31,33 @@ DTYPES = ("float32", "float64")
 
 @dataclass
 class LayerRecord:
-    """Statistics of one parametric layer for one mini-batch.
+    """Statistics of one parametric layer for one mini-batch, read on request from what the
+    passes hold (the layer's forward cache and the dout of a backward pass).
 
-    patches: [[A]] of the layer input, (N, |T|, J|Delta|);  DS: (N, |T|, I) derivatives of the
-    per-example loss w.r.t. the layer's pre-activations (None until a backward pass ran).
+    ``patches``: [[A]] of the layer input, (N, |T|, J|Delta|); ``DS``: (N, |T|, I) derivatives
+    of the per-example loss w.r.t. the layer's pre-activations, ``scale`` (= N) times the
+    backpropagated ``dout`` of the mean loss (None until a backward pass ran).  Both are built
+    when first read.  KFC's factors need less: :meth:`patch_moments` gives the column sums and
+    the Gram matrix of [[A]] without building it (blockwise on NumPy), and
+    :meth:`derivative_matrix` the (I, N|T|) matrix DS^T / scale, a view in the network's
+    channel-major layout.
     """
 
     layer_index: int
-    patches: object
-    DS: object = None
+    layer: object
+    cache: object
+    dout: object = None
+    scale: float = 1.0
+
+    @property
+    def patches(self):
+        return self.layer.patches(self.cache)
+
+    @functools.cached_property
+    def DS(self):
+        if self.dout is None:
+            return None
+        return self.layer.derivatives(self.dout) * self.scale
 
     @property
     def A_H(self):
@@ -46,9 +65,21 @@ class LayerRecord:
         return expand_homogeneous(self.patches)
 
     @property
+    def num_examples(self) -> int:
+        return self.layer.num_examples(self.cache)
+
+    @property
     def num_locations(self) -> int:
         """|T|, the number of output locations of the layer."""
-        return self.patches.shape[1]
+        return self.layer.num_locations(self.cache)
+
+    def patch_moments(self):
+        """(sum of the N|T| rows of [[A]], (K,); [[A]]^T [[A]], (K, K))."""
+        return self.layer.patch_moments(self.cache)
+
+    def derivative_matrix(self):
+        """DS^T / scale: the dout as an (I, N|T|) matrix (None before a backward pass)."""
+        return None if self.dout is None else self.layer.derivative_matrix(self.dout)
 
 
 @dataclass
@@ -184,19 +215,20 @@ class Sequential:
             h = layer.infer(h, W, ctx)
         return _swap_leading(h, cm)
 
-    def backward(self, params, tape: Tape, dout):
+    def backward(self, params, tape: Tape, dout, *, param_grads: bool = True):
         """Backpropagate ``dout`` (gradient w.r.t. the output) through the tape.
 
-        Returns (grads, douts): grads aligned with params (None for parameter-free layers);
-        douts[l] the gradient w.r.t. the pre-activation output of parametric layer l (public
-        layout, a view).  The pass stops at the first parametric layer and skips its input
-        gradient, which nothing reads.
+        Returns (grads, douts): grads aligned with params (None for parameter-free layers, and
+        for every layer with ``param_grads=False``: the backward pass of the KFC statistics,
+        which needs only the douts); douts[l] the gradient w.r.t. the pre-activation output of
+        parametric layer l (public layout, a view).  The pass stops at the first parametric
+        layer and skips its input gradient, which nothing reads.
         """
         grads = [None] * len(self.layers)
         douts = {}
         dout = _swap_leading(dout, tape.channel_major)
         for i in range(len(self.layers) - 1, self._first_backward_layer - 1, -1):
-            dout = self._backward_layer(i, params, tape, dout, grads, douts)
+            dout = self._backward_layer(i, params, tape, dout, grads, douts, param_grads)
         return grads, douts
 
     @property
@@ -205,7 +237,8 @@ class Sequential:
         gradient to receive)."""
         return self.param_layers[0] if self.param_layers else 0
 
-    def _backward_layer(self, i, params, tape: Tape, dout, grads: list, douts: dict):
+    def _backward_layer(self, i, params, tape: Tape, dout, grads: list, douts: dict,
+                        param_grads: bool = True):
         """One layer of :meth:`backward` (``dout`` in the tape's layout); returns its input
         gradient (None for the first parametric layer)."""
         layer = self.layers[i]
@@ -213,8 +246,11 @@ class Sequential:
             dout, grads[i] = layer.backward(dout, tape.caches[i], params[i])
             return dout
         douts[i] = _swap_leading(dout, tape.channel_major)
+        if i == self._first_backward_layer and not param_grads:
+            return None
         dout, grads[i] = layer.backward(dout, tape.caches[i], params[i],
-                                        input_grad=i > self._first_backward_layer)
+                                        input_grad=i > self._first_backward_layer,
+                                        weight_grad=param_grads)
         return dout
 
     def jvp(self, params, tape: Tape, dparams):
@@ -243,12 +279,8 @@ class Sequential:
         """LayerRecords for every parametric layer from a tape and the douts of a backward pass
         on the *mean* loss (DS is scaled by N to per-example derivatives)."""
         n = tape.output.shape[0]
-        out = []
-        for i in self.param_layers:
-            layer = self.layers[i]
-            ds = layer.derivatives(douts[i]) * n if i in douts else None
-            out.append(LayerRecord(i, layer.patches(tape.caches[i]), ds))
-        return out
+        return [LayerRecord(i, self.layers[i], tape.caches[i], douts.get(i), n)
+                for i in self.param_layers]
 
     def sampled_records(self, params, x, rng, *, tape: Tape | None = None):
         """Records with DS from targets sampled from the model (Section 3.1), one per example.
@@ -259,7 +291,7 @@ class Sequential:
         tape = self.forward(params, x) if tape is None else tape
         y_model = sample_targets(tape.output, rng)
         _, dlogits = softmax_cross_entropy(tape.output, y_model)
-        _, douts = self.backward(params, tape, dlogits)
+        _, douts = self.backward(params, tape, dlogits, param_grads=False)
         return self.records(tape, douts)
 
     def layer_inputs(self, params, x) -> list:
