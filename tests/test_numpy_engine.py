@@ -22,6 +22,7 @@ from kfc_ref.nn.expand import (
     padded_input,
     patch_gradient,
     patch_moments,
+    row_lag_moments,
     transposed_padding,
 )
 from kfc_ref.nn.layers import Conv2d, Context
@@ -120,7 +121,8 @@ def _force_blocks(monkeypatch, chunk_bytes, threads):
 def test_blockwise_conv_product_and_gradient_equal_the_loops(monkeypatch, case, seed,
                                                               chunk_bytes, threads):
     """conv_product (forward, Eq. 26), patch_gradient (Eq. 28) and patch_moments (Omega's
-    sums, Eq. 23) built block by block on threads equal the loop twins: the convolution loops,
+    sums, Eq. 23; blockwise and from row products) built block by block on threads equal the
+    loop twins: the convolution loops,
     and DS^T [[A]], the column sums and [[A]]^T [[A]] from the im2col loops; with and without
     an already built [[A]]^T."""
     with monkeypatch.context() as m:
@@ -150,6 +152,11 @@ def test_blockwise_conv_product_and_gradient_equal_the_loops(monkeypatch, case, 
             np.testing.assert_allclose(gram, flat.T @ flat, rtol=BLOCKWISE_RTOL,
                                        atol=BLOCKWISE_RTOL)
             np.testing.assert_array_equal(gram, gram.T)                 # exactly symmetric
+        sums, gram = row_lag_moments(xpad, geom)                  # from products of input rows
+        np.testing.assert_allclose(sums, flat.sum(axis=0), rtol=BLOCKWISE_RTOL,
+                                   atol=BLOCKWISE_RTOL)
+        np.testing.assert_allclose(gram, flat.T @ flat, rtol=BLOCKWISE_RTOL, atol=BLOCKWISE_RTOL)
+        np.testing.assert_array_equal(gram, gram.T)
 
 
 @THREADED_COPY
@@ -230,3 +237,21 @@ def test_retain_freed_memory_applies_on_linux():
 def _has_glibc() -> bool:
     import ctypes
     return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+
+
+@THREADED_COPY
+def test_row_lag_moments_negative_control(monkeypatch):
+    """Row patches paired with the wrong input rows (shifted by one) give a wrong Gram
+    matrix: the comparison above can fail."""
+    geom = ConvGeometry(3, 3, 1, 1)
+    x = normal(3, 2, 4, 6, 6)
+    xpad = padded_input(x, geom)
+    flat = im2col_matrix(x, geom)
+    np.testing.assert_allclose(row_lag_moments(xpad, geom)[1], flat @ flat.T, rtol=1e-12)
+    monkeypatch.setattr(backend, "strided_gather",
+                        lambda a, shape, strides, offset=0: np.roll(
+                            np.asarray(backend.strided_view(a, shape, strides, offset)), 1,
+                            axis=0).copy())
+    monkeypatch.setattr(expand, "strided_gather", backend.strided_gather)
+    shifted = row_lag_moments(xpad, geom)[1]
+    assert not np.allclose(shifted, flat @ flat.T)

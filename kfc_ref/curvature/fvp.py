@@ -81,19 +81,28 @@ def fisher_gram(net, params, x, directions, *, tape=None):
     return fisher_gram_from_jvps(tape.output, jvps)
 
 
-def fisher_quadratic(net, params, x, u_list, v_list=None, *, tape=None):
+def fisher_quadratic(net, params, x, u_list, v_list=None, *, tape=None, check: bool = True):
     """u^T F v (or u^T F u when ``v_list`` is None) for the exact mini-batch Fisher, as a 0-d
     array on the device of the parameters (``float()`` it to read it on the host: that is a
     device-to-host sync, which the optimizers avoid until a log point).
 
     u_list, v_list: parameter directions aligned with ``params``; x: (N, ...) inputs.
-    Costs one forward pass (unless ``tape`` is given) and one or two forward-mode passes.
+    Costs one forward pass (unless ``tape`` is given) and one or two forward-mode passes;
+    u^T F u without a tape is one fused sweep (:meth:`~kfc_ref.nn.network.Sequential.forward_jvp`;
+    ``check=False`` skips its input check, a device sync, as the optimizers do).
     """
-    tape = net.forward(params, x) if tape is None else tape
-    ju = output_jvp(net, params, tape, u_list)
-    jv = ju if v_list is None else output_jvp(net, params, tape, v_list)
-    xp = get_xp(tape.output)
-    p = softmax(tape.output)
+    if tape is None and v_list is None:
+        _check_direction(net, u_list, "direction")
+        logits, ju = net.forward_jvp(params, x, u_list, check=check)
+        ju = get_xp(logits).zeros_like(logits) if ju is None else ju
+        jv = ju
+    else:
+        tape = net.forward(params, x, check=check) if tape is None else tape
+        logits = tape.output
+        ju = output_jvp(net, params, tape, u_list)
+        jv = ju if v_list is None else output_jvp(net, params, tape, v_list)
+    xp = get_xp(logits)
+    p = softmax(logits)
     cu = ju - xp.sum(p * ju, axis=1, keepdims=True)
     cv = jv - xp.sum(p * jv, axis=1, keepdims=True)
-    return xp.sum(p * cu * cv) / tape.output.shape[0]
+    return xp.sum(p * cu * cv) / logits.shape[0]

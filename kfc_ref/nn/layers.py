@@ -85,6 +85,14 @@ class Layer:
     def jvp(self, dx, cache, W=None, dW=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def forward_jvp(self, x, dx, W=None, dW=None, ctx: Context | None = None):
+        """(output, its tangent) for input tangent ``dx`` and parameter tangent ``dW`` (either
+        may be None; the tangent is None when both are): :meth:`forward` then :meth:`jvp`."""
+        out, cache = self.forward(x, W, ctx)
+        if dx is None and dW is None:
+            return out, None
+        return out, self.jvp(dx, cache, W, dW)
+
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -246,6 +254,22 @@ class Conv2d(Layer):
         shape_cm = shape if cache.channel_major else (shape[1], shape[0]) + tuple(shape[2:])
         dx = col2im_of_product(W[:, 1:], ds, shape_cm, self.geom)      # col2im(W^T DS^T)
         return (dx if cache.channel_major else dx.transpose(1, 0, 2, 3)), dW
+
+    def forward_jvp(self, x, dx, W=None, dW=None, ctx=None):
+        """s and d s together: the input's patches are gathered once and multiplied by W and
+        dW stacked, (2I x J|Delta|), in one GEMM (Eq. 26 and its tangent)."""
+        if dW is None:
+            return super().forward_jvp(x, dx, W, dW, ctx)
+        cm = _channel_major(ctx)
+        self._check(x, W, cm)
+        xp = get_xp(x, W, dW)
+        xpad = padded_input(x, self.geom, cm)
+        both = conv_product(xpad, xp.concatenate([W[:, 1:], dW[:, 1:]]), self.geom,
+                            bias=xp.concatenate([W[:, 0], dW[:, 0]]))
+        s, ds = both[:self.out_channels], both[self.out_channels:]
+        if dx is not None:
+            ds += conv_product(padded_input(dx, self.geom, cm), W[:, 1:], self.geom)
+        return self._layout(s, cm), self._layout(ds, cm)
 
     def jvp(self, dx, cache, W=None, dW=None):
         """d s = [[dx]] W^T + [[A]]_H dW_bar^T (bilinear in input and parameters)."""

@@ -253,6 +253,23 @@ class Sequential:
                                         weight_grad=param_grads)
         return dout
 
+    def forward_jvp(self, params, x, dparams, *, check: bool = True):
+        """The evaluation-mode forward pass and the forward-mode pass in one sweep:
+        (logits (N, C), J dparams (N, C) or None when ``dparams`` has no entry), without a
+        tape.  Equals ``forward`` then ``jvp`` (:meth:`Layer.forward_jvp`); a conv multiplies
+        the patches of its input once by W_bar and dW_bar stacked, a GEMM with 2I rows (the
+        exact-Fisher nu of update clipping, App. B.1, costs this one sweep)."""
+        self._check_params(params)
+        if check:
+            self._check_input(x)
+        cm = self._channel_major_for(x)
+        ctx = Context(channel_major=cm)
+        h, d = _swap_leading(x, cm), None
+        for i, layer in enumerate(self.layers):
+            h, d = layer.forward_jvp(h, d, params[i], dparams[i] if layer.has_params else None,
+                                     ctx)
+        return _swap_leading(h, cm), _swap_leading(d, cm)
+
     def jvp(self, params, tape: Tape, dparams):
         """Forward-mode pass: J_theta v for a parameter direction ``dparams`` (list like params).
 

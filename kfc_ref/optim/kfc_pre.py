@@ -166,14 +166,15 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
 
     def update_norm(self, net, params, x, v, rng, shard: BatchShard | None = None):
         """nu = v^T F v + lambda v^T v with the exact F on a random ``nu_fraction`` of the
-        global mini-batch x (its own forward pass, in evaluation mode: no dropout), as a 0-d
+        global mini-batch x (its own forward pass, in evaluation mode: no dropout, fused with
+        the forward-mode pass), as a 0-d
         device array; each rank on its part of the subset, summed over ranks (tag "nu")."""
         shard = BatchShard.of(self.comm, x.shape[0], rng) if shard is None else shard
         idx = subset_indices(shard.n, self.nu_fraction, rng)
         positions, rows = shard.part_of(idx)
         if len(rows):
-            tape = net.forward(params, take(shard.local(x), positions), check=False)
-            nu = fisher_quadratic(net, params, None, expand(net, v), tape=tape)
+            nu = fisher_quadratic(net, params, take(shard.local(x), positions), expand(net, v),
+                                  check=False)          # one fused forward/forward-mode sweep
         else:                                         # none of the subset is mine
             nu = get_xp(*v).zeros((), dtype=v[0].dtype)
         (nu,) = shard.sum_of_means([nu], len(rows), shard.n if idx is None else len(idx), "nu")
