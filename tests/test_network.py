@@ -211,3 +211,29 @@ def test_statistics_backward_and_records_read_what_the_passes_hold(to_xp):
     rec = records[0]
     wrong = gamma_from_derivatives(rec.layer.derivatives(rec.dout))
     assert not np.allclose(to_numpy(wrong), to_numpy(factors[0].Gamma))
+
+
+@given(seed=seeds)
+def test_fused_forward_and_forward_mode_sweep_equals_the_two_passes(to_xp, seed):
+    """Sequential.forward_jvp (evaluation mode, no tape; a conv multiplies its patches by W
+    and dW stacked) equals forward then jvp, with every layer or only the last one moving;
+    nothing moving gives no tangent."""
+    net = every_layer_net()
+    params = [None if p is None else to_xp(p) for p in net.init(seed, "float64")]
+    rng = np.random.default_rng(seed)
+    x = to_xp(rng.normal(size=(3, 2, 7, 7)))
+    full = [None if p is None else to_xp(rng.normal(size=p.shape)) for p in params]
+    last_only = [None] * (len(params) - 1) + [full[-1]]
+    tape = net.forward(params, x)
+    for dparams in (full, last_only):
+        logits, tangent = net.forward_jvp(params, x, dparams)
+        np.testing.assert_allclose(to_numpy(logits), to_numpy(tape.output), rtol=1e-12,
+                                   atol=1e-14)
+        np.testing.assert_allclose(to_numpy(tangent), to_numpy(net.jvp(params, tape, dparams)),
+                                   rtol=1e-10, atol=1e-13)
+    assert net.forward_jvp(params, x, [None] * len(params))[1] is None
+    # negative control: the tangent of a direction with one layer's entry dropped differs,
+    # so the comparison above sees every layer's contribution
+    dropped = [None if i == net.param_layers[0] else d for i, d in enumerate(full)]
+    assert not np.allclose(to_numpy(net.forward_jvp(params, x, full)[1]),
+                           to_numpy(net.jvp(params, tape, dropped)), rtol=1e-6)
