@@ -280,3 +280,25 @@ def test_finiteness_checks_cost_one_host_read_each():
     with counting() as c:
         pi = pi_trace_array(factors[0].Omega, factors[0].Gamma)
     assert c.syncs == 0 and float(pi) == pytest.approx(np.sqrt(1.0 / 2.0))
+
+
+@given(size=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_spd_inverse_equals_inv_and_is_exactly_symmetric(to_xp, size, seed, dtype):
+    """backend.spd_inverse (Cholesky on NumPy, inv elsewhere) on a damped Gram matrix equals
+    numpy.linalg.inv to the dtype's round-off, and is exactly symmetric on NumPy; an
+    indefinite matrix (where Cholesky fails) still gets its inverse."""
+    from kfc_ref.backend import get_xp, spd_inverse
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size, 2 * size))
+    spd = (a @ a.T / (2 * size) + 0.1 * np.eye(size)).astype(dtype)
+    got = to_numpy(spd_inverse(to_xp(spd)))
+    tol = 1e-3 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(got, np.linalg.inv(spd.astype(np.float64)), rtol=tol,
+                               atol=tol * np.abs(got).max())
+    if get_xp(to_xp(spd)) is np:                   # the Cholesky path
+        np.testing.assert_array_equal(got, got.T)
+    indefinite = np.diag(np.arange(1, size + 1, dtype=dtype) * np.where(
+        np.arange(size) % 2 == 0, 1.0, -1.0).astype(dtype))
+    np.testing.assert_allclose(to_numpy(spd_inverse(to_xp(indefinite))),
+                               np.diag(1.0 / np.diag(indefinite)), rtol=tol)

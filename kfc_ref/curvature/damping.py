@@ -16,6 +16,9 @@ clipped at 0 (a Gram matrix has none below 0; round-off can make tiny negatives)
 denominator is at least gamma > 0 (exact) or the damped factor is positive definite (factored),
 so no NaN appears for damping > 0; damping <= 0 is rejected.
 
+The damped factors are inverted as symmetric positive definite matrices
+(:func:`kfc_ref.backend.spd_inverse`: Cholesky on NumPy, ``inv`` elsewhere).
+
 Failure semantics (the same on every device): NumPy's ``inv``/``eigh`` may raise
 ``LinAlgError`` on NaN input or return NaN, while CuPy's return NaN/inf silently.  So every
 factor is checked for finiteness *before* it is inverted or decomposed, and eigendecompositions
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kfc_ref.backend import get_xp
+from kfc_ref.backend import get_xp, spd_inverse
 from kfc_ref.validate import ArgumentError, check_positive
 
 
@@ -120,8 +123,8 @@ def factored_inverse(Omega, Gamma, damping: float, weight_decay: float = 0.0,
     root = (weight_decay + damping) ** 0.5
     eye_o = xp.eye(Omega.shape[0], dtype=Omega.dtype)
     eye_g = xp.eye(Gamma.shape[0], dtype=Gamma.dtype)
-    Omega_inv = xp.linalg.inv(symmetrize(Omega) + (pi * root) * eye_o)
-    Gamma_inv = xp.linalg.inv(symmetrize(Gamma) + (root / pi) * eye_g)
+    Omega_inv = spd_inverse(symmetrize(Omega) + (pi * root) * eye_o)
+    Gamma_inv = spd_inverse(symmetrize(Gamma) + (root / pi) * eye_g)
     return FactoredInverse(symmetrize(Omega_inv), symmetrize(Gamma_inv), pi)
 
 
