@@ -168,6 +168,7 @@ def mpiexec(ranks: int, *args, cwd=None):
     return done
 
 
+@pytest.mark.slow
 @MPI_PROCESSES
 @pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
 @pytest.mark.parametrize("optimizer", ["sgd", "kfc-pre"])
@@ -199,6 +200,7 @@ def test_mpi_stages_device_buffers_through_the_host(tmp_path):
     assert relative_difference(np.load(f"{prefix}.rank1.npz")["theta"], want[0]) < ROUND_OFF
 
 
+@pytest.mark.slow
 @MPI_PROCESSES
 @pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
 @pytest.mark.parametrize("optimizer", ["sgd", "kfc-pre"])
@@ -251,6 +253,7 @@ def test_cost_model_terms():
     assert rows[0]["time_to_target"] == pytest.approx(300 * 1e-3 * 4096)   # P = 1: no comm
 
 
+@pytest.mark.slow
 def test_bench_distributed_and_model_commands(tmp_path, monkeypatch, capsys, device):
     """One process (no MPI in the test process): the benchmark reports the payloads a P-rank
     run sends (gradients = all parameters in float32 + the loss), and the model draws them."""

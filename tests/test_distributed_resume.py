@@ -9,6 +9,7 @@ import pytest
 from test_distributed import MPI_MISSING, ROUND_OFF, mpiexec, relative_difference
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
 def test_resume_on_another_rank_count_matches_one_uninterrupted_process(tmp_path):
     common = ["-m", "kfc_ref", "train", "--optimizer", "kfc-pre", "--data", "digits",

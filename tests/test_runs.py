@@ -328,13 +328,15 @@ def test_device_batches_gather_on_the_device_with_host_indices(xp):
 
 def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monkeypatch, xp):
     """The --device gpu path on CPU: every array lives in the guarded namespace (which refuses
-    direct NumPy calls), the training set is uploaded once, and the run equals the CPU run bit
-    for bit in float64 (in float32 the few-launch kernels the engine takes off NumPy,
-    ``backend.few_launches``, round differently, ~1e-7 relative).  Runs under --xp numpy and
-    guarded; CuPy's kernels round differently from NumPy's, so bit equality is not its claim."""
+    direct NumPy calls), the training set is uploaded once, and the run equals the CPU run in
+    float64 to round-off (RUN_RTOL): the NumPy engine sums some products in another order
+    (blocks, row products for Omega) and inverts the damped factors by Cholesky where the
+    few-launch path (``backend.few_launches``) takes one GEMM and ``inv``; the logged
+    decisions (clipping) and counts are equal.  Runs under --xp numpy and guarded; CuPy's
+    kernels round differently again, and its float equality is checked elsewhere."""
     if xp is not np and xp is not guarded:
-        pytest.skip("bit-for-bit equality with the CPU run holds for the NumPy-backed guarded "
-                    "namespace only")
+        pytest.skip("the comparison with the CPU run is for the NumPy-backed guarded "
+                    "namespace")
     from guarded_xp import asguarded
     from kfc_ref.nn.network import Sequential
     cpu = train(_cfg(tmp_path / "cpu", iters=4, eval_every=2, dtype="float64"))
@@ -351,9 +353,26 @@ def test_a_whole_run_on_the_guarded_namespace_equals_the_cpu_run(tmp_path, monke
     dev = train(_cfg(tmp_path / "dev", iters=4, eval_every=2, dtype="float64"))
     assert uploads == [RUN["max_train"]]
     assert all(isinstance(p, GuardedArray) for p in dev.params if p is not None)
-    assert _strip_time(dev.metrics) == _strip_time(cpu.metrics)
-    np.testing.assert_array_equal(_final(tmp_path / "dev")[0]["theta"],
-                                  _final(tmp_path / "cpu")[0]["theta"])
+    _assert_rows_close(_strip_time(dev.metrics), _strip_time(cpu.metrics))
+    np.testing.assert_allclose(_final(tmp_path / "dev")[0]["theta"],
+                               _final(tmp_path / "cpu")[0]["theta"], rtol=RUN_RTOL,
+                               atol=RUN_RTOL)
+
+
+#: float64 runs whose kernels sum in different orders agree to this (a few iterations)
+RUN_RTOL = 1e-9
+
+
+def _assert_rows_close(rows, ref):
+    """Metric rows equal key by key: numbers to RUN_RTOL, everything else exactly."""
+    assert len(rows) == len(ref)
+    for row, want in zip(rows, ref):
+        assert sorted(row) == sorted(want)
+        for key, value in row.items():
+            if isinstance(value, float) and isinstance(want[key], float):
+                assert value == pytest.approx(want[key], rel=RUN_RTOL, abs=RUN_RTOL), key
+            else:
+                assert value == want[key], key
 
 
 def test_an_interrupt_never_checkpoints_a_diverged_state(tmp_path, monkeypatch, dev_cfg, to_xp):

@@ -29,6 +29,7 @@ def test_speedup_presets_set_the_paper_settings_and_state_times():
     assert "expected time: CPU ~" in text and "GPU ~" in text
 
 
+@pytest.mark.slow
 def test_speedup_sud_runs_both_pooling_variants_then_the_report(tmp_path, capsys, device):
     from kfc_ref.experiments.bench.speedup import main
     out = str(tmp_path / "sud")

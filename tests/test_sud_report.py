@@ -36,6 +36,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_writes_figures_and_summary(run_dir, tmp_path, capsys, device):
     out = str(tmp_path / "sud")
     assert cli(["sud", run_dir, "--examples", "60", "--max-offset", "3", "--maps", "0", "5",
@@ -140,6 +141,7 @@ def test_errors_are_one_line(tmp_path, capsys):
         sud_report(str(tmp_path), examples=1)
 
 
+@pytest.mark.slow
 def test_history_recorded_during_training_is_drawn(run_dir, tmp_path, device, to_xp):
     """What train will do every k evaluations: record_sud_history on fixed images; a repeated
     iteration (after --resume) supersedes the earlier line; sud draws sud_history."""
@@ -161,6 +163,7 @@ def test_history_recorded_during_training_is_drawn(run_dir, tmp_path, device, to
     assert os.path.exists(os.path.join(run, "sud", "sud_history.png"))
 
 
+@pytest.mark.slow
 def test_train_records_the_sud_summary_every_k_evaluations_and_sud_plots_it(tmp_path, device):
     """``train --sud-every 2`` with an evaluation every 2 of 8 iterations (4 evaluations)
     records the SUD summary at the 2nd and 4th (iterations 4 and 8); ``sud`` draws it."""

@@ -72,6 +72,7 @@ def test_kfc_pre_steps_on_a_narrow_twin(to_xp):
     assert math.isfinite(float(to_numpy(info["loss"])))
 
 
+@pytest.mark.slow
 def test_train_end_to_end_on_synthetic_mat_then_sud(tmp_path, capsys, device):
     data_dir = tmp_path / "svhn"
     data_dir.mkdir()
