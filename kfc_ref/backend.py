@@ -188,16 +188,18 @@ def cached_index(xp, key: tuple, build):
     return index
 
 
-def flat_index(xp, shape: tuple, strides: tuple, offset: int = 0):
+def flat_index(xp, shape: tuple, strides: tuple, offset: int = 0, dtype: str = "int64"):
     """Integer array of ``shape`` whose entry at i is ``offset + sum_k i_k * strides[k]``: the
-    flat (element) positions a strided window view reads (cached, see :func:`cached_index`)."""
+    flat (element) positions a strided window view reads (cached, see :func:`cached_index`).
+    ``dtype="int32"`` halves the memory traffic where every position fits."""
     def build():
-        host = _np.full((1,) * len(shape), offset, dtype=_np.int64)
+        host = _np.full((1,) * len(shape), offset, dtype=dtype)
         for axis, (n, s) in enumerate(zip(shape, strides)):
-            step = _np.arange(n, dtype=_np.int64) * s
+            step = _np.arange(n, dtype=dtype) * s
             host = host + step.reshape((1,) * axis + (n,) + (1,) * (len(shape) - axis - 1))
         return host
-    return cached_index(xp, ("strided", tuple(shape), tuple(strides), int(offset)), build)
+    return cached_index(xp, ("strided", tuple(shape), tuple(strides), int(offset), dtype),
+                        build)
 
 
 def _is_c_contiguous(a) -> bool:

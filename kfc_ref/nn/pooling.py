@@ -148,10 +148,11 @@ class MaxPool2d(_Pool):
         sl = slice(offset, offset + self.stride * (count - 1) + 1, self.stride)
         return a[:, :, sl] if axis == 2 else a[:, :, :, sl]
 
-    def _winners(self, x, ho, wo):
+    def _winners(self, x, ho, wo, dtype: str = "int64"):
         """(out, offset u*size + v*, flat position in C-contiguous ``x``) of each window's
         first max, by separable passes over strided views (NumPy); partial border windows
-        simply have fewer views, so no padded copy is made."""
+        simply have fewer views, so no padded copy is made.  Positions in ``dtype`` (int32
+        where they fit: less memory traffic)."""
         xp = get_xp(x)
         k, (a, b, h, w) = self.size, x.shape
         cols = [self._partial(x, 3, v, wo) for v in range(k)]
@@ -159,23 +160,31 @@ class MaxPool2d(_Pool):
         rows = [self._partial(m, 2, u, ho) for u in range(k)]
         out, au = _first_max(rows)
         # v* of the winning row: av read at row s*oh + u* of the (A, B, H, Wo) row maxima
-        row_of = flat_index(xp, (a, b, ho, wo), (b * h * wo, h * wo, self.stride * wo, 1))
-        v_star = xp.take(av.reshape(-1), row_of + au.astype(xp.int64) * wo)
-        arg = au.astype(xp.int32) * k + v_star
-        base = flat_index(xp, (a, b, ho, wo), (b * h * w, h * w, self.stride * w, self.stride))
-        return out, arg, base + (au.astype(xp.int64) * w + v_star)
+        u_star = au.astype(dtype)
+        at = u_star * wo
+        at += flat_index(xp, (a, b, ho, wo), (b * h * wo, h * wo, self.stride * wo, 1),
+                         dtype=dtype)
+        v_star = xp.take(av.reshape(-1), at)
+        arg = u_star * k
+        arg += v_star
+        where = u_star * w
+        where += v_star
+        where += flat_index(xp, (a, b, ho, wo), (b * h * w, h * w, self.stride * w, self.stride),
+                            dtype=dtype)
+        return out, arg, where
 
     def _winners_threaded(self, x, ho, wo):
         """:meth:`_winners` on blocks of the leading axis, on :func:`parallel_rows` threads
         (NumPy); the flat positions are shifted to the whole input."""
         xp = get_xp(x)
         a, b, h, w = x.shape
+        dtype = "int32" if x.size < 2**31 else "int64"
         out = xp.empty((a, b, ho, wo), dtype=x.dtype)
         arg = xp.empty((a, b, ho, wo), dtype=xp.int32)
-        where = xp.empty((a, b, ho, wo), dtype=xp.int64)
+        where = xp.empty((a, b, ho, wo), dtype=dtype)
 
         def block(r0, r1):
-            o, ar, wh = self._winners(x[r0:r1], ho, wo)
+            o, ar, wh = self._winners(x[r0:r1], ho, wo, dtype)
             out[r0:r1], arg[r0:r1] = o, ar
             xp.add(wh, r0 * b * h * w, out=where[r0:r1])
         parallel_rows(block, a, x.size)
