@@ -286,9 +286,10 @@ def row_lag_moments(xpad, geom: ConvGeometry):
     computed once, for the rows r some block needs, and shared by every (u, u') at that lag:
     about kh Hp products of 2 (J kw)^2 N Wo flops (half for the symmetric lag-0 ones) instead
     of the (J kh kw)^2 N Ho Wo of the symmetric rank-k update [[A]]^T [[A]]: 0.40x the flops
-    for the CIFAR-10 net's second conv (5x5 kernel, 16x16 maps; measured 1.8x faster).  Blocks with u' < u are the transposes; the diagonal blocks are sums of symmetric
-    products (``a @ a.T``), so the Gram matrix is exactly symmetric.  The same sums as
-    [[A]]^T [[A]], in another order."""
+    for the CIFAR-10 net's second conv (5x5 kernel, 16x16 maps; measured 1.8x faster).
+    Blocks with u' < u are the transposes; the diagonal blocks are sums of symmetric products
+    (``a @ a.T``), so the Gram matrix is exactly symmetric.  The same sums as [[A]]^T [[A]],
+    in another order."""
     xp = get_xp(xpad)
     j, n, hp, wp = xpad.shape
     ho, wo = _padded_grid(xpad, geom)

@@ -220,10 +220,20 @@ class MaxPool2d(_Pool):
         return _first_max([self._partial(m, 2, u, ho) for u in range(self.size)], False)[0]
 
     def jvp(self, dx, cache, W=None, dW=None):
+        """The tangent at each window's winner: one gather at the kept flat positions (NumPy:
+        blocks of maps on parallel threads; the positions are global, so blocks are
+        independent)."""
         xp = get_xp(dx)
         _, where, (_, _, hp, wp), (_, _, h, w) = cache
-        dxpad = _pad(dx, 0, hp - h, wp - w, 0.0)
-        return xp.take(dxpad.reshape(-1), where)
+        flat = _pad(dx, 0, hp - h, wp - w, 0.0).reshape(-1)
+        if few_launches(xp):
+            return xp.take(flat, where)
+        out = xp.empty(where.shape, dtype=dx.dtype)
+
+        def block(r0, r1):
+            xp.take(flat, where[r0:r1], out=out[r0:r1])
+        parallel_rows(block, where.shape[0], where.size)
+        return out
 
 
 def _first_max(views, with_index: bool = True):
@@ -358,8 +368,11 @@ class AvgPool2d(_Pool):
         return dxpad[:, :, :h, :w]
 
     def jvp(self, dx, cache, W=None, dW=None):
+        """The window means of the tangent (linear layer; NumPy: blocks of maps on threads)."""
         _, eh, ew, (ho, wo) = cache
-        return self._average(dx, ho, wo, eh, ew)
+        if few_launches(get_xp(dx)):
+            return self._average(dx, ho, wo, eh, ew)
+        return _row_blocks(lambda d: (self._average(d, ho, wo, eh, ew),), (dx,), 1)[0]
 
 
 class ResponseNorm(Layer):
@@ -452,9 +465,9 @@ class ResponseNorm(Layer):
             return self._backward(dout, x, denom, scale)[0], None
         return _row_blocks(self._backward, (dout, x, denom, scale), 1)[0], None
 
-    def jvp(self, dx, cache, W=None, dW=None):
+    def _tangent(self, dx, x, denom, scale):
+        """dy = dx D^-p - 2 c p x D^-p box(x dx) / D of a block of maps."""
         xp = get_xp(dx)
-        x, denom, scale = cache
         c = self.scale / self.size ** 2
         buf, inner = self._padded(x)
         xp.multiply(x, dx, out=inner)
@@ -462,4 +475,21 @@ class ResponseNorm(Layer):
         t *= x
         t *= scale
         t /= denom
-        return dx * scale - t
+        return (dx * scale - t,)
+
+    def jvp(self, dx, cache, W=None, dW=None):
+        """NumPy: on blocks of maps in parallel threads."""
+        if few_launches(get_xp(dx)):
+            return self._tangent(dx, *cache)[0]
+        return _row_blocks(self._tangent, (dx, *cache), 1)[0]
+
+    def forward_jvp(self, x, dx, W=None, dW=None, ctx=None):
+        """NumPy, with a tangent: y and dy of each block of maps in one thread hand-off."""
+        if dx is None or few_launches(get_xp(x)):
+            return super().forward_jvp(x, dx, W, dW, ctx)
+        _check_rank(x, 4, "ResponseNorm")
+
+        def both(xb, db):
+            y, denom, scale = self._forward(xb)
+            return y, self._tangent(db, xb, denom, scale)[0]
+        return _row_blocks(both, (x, dx), 2)
