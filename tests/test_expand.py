@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 
 from kfc_ref.backend import to_numpy
-from kfc_ref.nn.expand import (ConvGeometry, col2im, col2im_matrix, col2im_of_product,
-                             expand_homogeneous, im2col,
+from kfc_ref.nn.conv_products import col2im_of_product
+from kfc_ref.nn.expand import (ConvGeometry, col2im, col2im_matrix, expand_homogeneous, im2col,
                              im2col_matrix, im2col_matrix_slices, output_size)
 from kfc_ref.nn.loops import im2col_loops
 from guarded_xp import asguarded

@@ -10,20 +10,22 @@ import pytest
 from hypothesis import given, strategies as st
 
 import kfc_ref.backend as backend
-import kfc_ref.nn.expand as expand
+import kfc_ref.nn.conv_products as conv_products
 from kfc_ref.backend import to_numpy
-from kfc_ref.nn.expand import (
-    ConvGeometry,
-    col2im_matrix,
+from kfc_ref.nn.conv_products import (
     col2im_of_product,
     conv_product,
-    im2col_matrix,
-    im2col_matrix_slices,
-    padded_input,
     patch_gradient,
     patch_moments,
     row_lag_moments,
     transposed_padding,
+)
+from kfc_ref.nn.expand import (
+    ConvGeometry,
+    col2im_matrix,
+    im2col_matrix,
+    im2col_matrix_slices,
+    padded_input,
 )
 from kfc_ref.nn.layers import Conv2d, Context
 from kfc_ref.nn.loops import conv2d_loops, im2col_loops
@@ -112,7 +114,7 @@ def _force_blocks(monkeypatch, chunk_bytes, threads):
     per block: 1 gives one example per block)."""
     monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
     monkeypatch.setattr(backend, "host_threads", lambda: threads)
-    monkeypatch.setattr(expand, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(conv_products, "CHUNK_BYTES", chunk_bytes)
 
 
 @THREADED_COPY
@@ -168,7 +170,7 @@ def test_blockwise_product_negative_control(monkeypatch):
     x, W = normal(0, 4, 2, 5, 5), normal(1, 3, 18)
     good = conv_product(padded_input(x, geom), W, geom)
     real = backend.parallel_rows
-    monkeypatch.setattr(expand, "parallel_rows",
+    monkeypatch.setattr(conv_products, "parallel_rows",
                         lambda fn, rows, size, **kw: real(fn, rows - 1, size, **kw))
     assert not np.allclose(conv_product(padded_input(x, geom), W, geom)[:, -1], good[:, -1])
 
@@ -252,6 +254,6 @@ def test_row_lag_moments_negative_control(monkeypatch):
                         lambda a, shape, strides, offset=0: np.roll(
                             np.asarray(backend.strided_view(a, shape, strides, offset)), 1,
                             axis=0).copy())
-    monkeypatch.setattr(expand, "strided_gather", backend.strided_gather)
+    monkeypatch.setattr(conv_products, "strided_gather", backend.strided_gather)
     shifted = row_lag_moments(xpad, geom)[1]
     assert not np.allclose(shifted, flat @ flat.T)

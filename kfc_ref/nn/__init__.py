@@ -4,6 +4,8 @@ Everything here has a hand-written forward, backward and (where KFC-pre's clippi
 forward-mode pass, written next to the paper equation it implements:
 
 * :mod:`~kfc_ref.nn.expand`: [[A]] and [[A]]_H (im2col, Eqs. 25 and 29, App. A) and col2im;
+* :mod:`~kfc_ref.nn.conv_products`: a conv's products with [[A]]^T (Eqs. 26-28, Omega's sums)
+  without building it on NumPy;
 * :mod:`~kfc_ref.nn.layers`: Conv2d and Dense with W_bar = (b | W) (App. A), activations, dropout;
 * :mod:`~kfc_ref.nn.pooling`: max and average pooling, response normalisation;
 * :mod:`~kfc_ref.nn.losses`: softmax cross-entropy and targets sampled from the model (Sec. 3.1);

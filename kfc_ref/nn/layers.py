@@ -21,14 +21,16 @@ import numpy as _host_np  # host-side initialisation only (seeded Generators)
 
 from kfc_ref.backend import asarray_like, get_xp
 from kfc_ref.nn.keyed_random import draw_uniform
-from kfc_ref.nn.expand import (
-    ConvGeometry,
+from kfc_ref.nn.conv_products import (
     col2im_of_product,
     conv_product,
-    padded_input,
     patch_gradient,
-    patch_matrix_of_padded,
     patch_moments,
+)
+from kfc_ref.nn.expand import (
+    ConvGeometry,
+    padded_input,
+    patch_matrix_of_padded,
     patches_view,
 )
 from kfc_ref.validate import check_int, check_number
@@ -190,7 +192,7 @@ class Conv2d(Layer):
 
     def forward(self, x, W=None, ctx=None):
         """S^T = W [[A]]^T + b 1^T, one (I x J|Delta|)(J|Delta| x N|T|) product
-        (:func:`~kfc_ref.nn.expand.conv_product`) -> (I, N, Ho, Wo) in the input's layout."""
+        (:func:`~kfc_ref.nn.conv_products.conv_product`) -> (I, N, Ho, Wo) in the input's layout."""
         cm = _channel_major(ctx)
         self._check(x, W, cm)
         xpad = padded_input(x, self.geom, cm)
@@ -219,7 +221,7 @@ class Conv2d(Layer):
 
     def patch_moments(self, cache):
         """(column sums (J|Delta|,), [[A]]^T [[A]]) over the N|T| patch rows, without building
-        [[A]]^T unless it exists (:func:`~kfc_ref.nn.expand.patch_moments`)."""
+        [[A]]^T unless it exists (:func:`~kfc_ref.nn.conv_products.patch_moments`)."""
         return patch_moments(cache.padded, self.geom, cache.built)
 
     @staticmethod
