@@ -12,7 +12,8 @@ from kfc_ref.curvature.damping import eigen_factors, factored_inverse
 from kfc_ref.curvature.factors import network_factors
 from kfc_ref.nn.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
 from kfc_ref.nn.network import Sequential
-from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d
+from kfc_ref.nn.response_norm import ResponseNorm
 from guarded_xp import GuardedArray, asguarded, guarded
 
 # Same float64 arithmetic in a different library (cuBLAS/cuSOLVER may reorder sums).

@@ -5,7 +5,8 @@ import pytest
 
 from kfc_ref.nn.layers import Conv2d, Dense, Dropout
 from kfc_ref.nn.models import cifar10_convnet, small_convnet, tiny_convnet
-from kfc_ref.nn.pooling import MaxPool2d, ResponseNorm
+from kfc_ref.nn.pooling import MaxPool2d
+from kfc_ref.nn.response_norm import ResponseNorm
 
 
 @pytest.mark.parametrize("make, match", [

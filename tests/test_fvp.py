@@ -20,7 +20,8 @@ from kfc_ref.curvature.fvp import fisher_gram, fisher_quadratic
 from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
 from kfc_ref.nn.losses import softmax
 from kfc_ref.nn.network import Sequential
-from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d
+from kfc_ref.nn.response_norm import ResponseNorm
 
 #: Step of the centred differences (tests/finite_differences.py, which explains its size):
 #: piecewise-linear layers are exact up to rounding ~1e-16 |f| / FD_EPS ~ 1e-10, smooth ones

@@ -6,7 +6,8 @@ from hypothesis import given, strategies as st
 
 from kfc_ref.backend import to_numpy
 from kfc_ref.nn.layers import Context, Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
-from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d
+from kfc_ref.nn.response_norm import ResponseNorm
 from kfc_ref.nn.loops import conv2d_loops, pool_loops, response_norm_loops
 from finite_differences import assert_vjp_matches
 from guarded_xp import asguarded

@@ -7,7 +7,8 @@ from kfc_ref.nn.layers import Conv2d, Dense, Dropout, Flatten, ReLU, Tanh
 from kfc_ref.nn.losses import softmax_cross_entropy
 from kfc_ref.nn.models import build_model, cifar10_convnet, small_convnet, tiny_convnet
 from kfc_ref.nn.network import Sequential
-from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d
+from kfc_ref.nn.response_norm import ResponseNorm
 from kfc_ref.backend import get_xp, to_numpy
 from finite_differences import EPS, FD_RTOL, directional_fd
 from strategies import seeds

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from kfc_ref.nn.layers import Conv2d, Dense, Dropout, Flatten, Identity, ReLU, Tanh
 from kfc_ref.nn.network import Sequential
-from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d, ResponseNorm
+from kfc_ref.nn.pooling import AvgPool2d, MaxPool2d
+from kfc_ref.nn.response_norm import ResponseNorm
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "identity": Identity}
 

@@ -1,4 +1,5 @@
-"""Spatial layers without parameters: max pooling, average pooling, response normalisation.
+"""Pooling layers: max pooling and average pooling (response normalisation, the other
+window layer of the paper's nets, is :mod:`kfc_ref.nn.response_norm`).
 
 They act on each (example, channel) map through the two trailing axes, so they run unchanged on
 (N, C, H, W) and on the network's channel-major (C, N, H, W) arrays.  ``ceil_mode=True`` gives
@@ -13,9 +14,9 @@ Each window reduction has two formulations, chosen by :func:`kfc_ref.backend.few
   rows (2(size-1) strided slice operations instead of size^2; max-pool tracks the winner of
   each pass, its backward routes the derivative back through the two passes);
 * elsewhere (CuPy, and the test namespace that stands in for it), *gathers*: one gather of
-  every window (pools: clamped at the border, so no padded copy; rnorm: from its zero-bordered
-  buffer), one reduction, and for the backward one scatter-add
-  (:func:`kfc_ref.backend.scatter_add`): a fixed, small number of kernel launches.
+  every window (clamped at the border, so no padded copy), one reduction, and for the
+  backward one scatter-add (:func:`kfc_ref.backend.scatter_add`): a fixed, small number of
+  kernel launches.
 
 Max pooling keeps each winner's flat position, so its backward is one scatter-add and its
 forward-mode pass one gather on every namespace.
@@ -36,10 +37,10 @@ from kfc_ref.backend import (
     get_xp,
     parallel_rows,
     scatter_add,
-    strided_gather,
 )
 from kfc_ref.nn.layers import Layer, _check_rank
-from kfc_ref.validate import check_int, check_number
+from kfc_ref.nn.map_blocks import row_blocks, sum_views
+from kfc_ref.validate import check_int
 
 
 def _pool_out(size: int, window: int, stride: int, ceil_mode: bool) -> int:
@@ -257,34 +258,6 @@ def _first_max(views, with_index: bool = True):
     return best, first
 
 
-def _sum_views(views, op=None):
-    """Sum (or ``op``, e.g. maximum) of equally shaped views into a new array: len(views) - 1
-    launches (one copy for a single view)."""
-    op = get_xp(views[0]).add if op is None else op
-    if len(views) == 1:
-        return views[0].copy()
-    out = op(views[0], views[1])
-    for v in views[2:]:
-        op(out, v, out=out)
-    return out
-
-
-def _row_blocks(fn, arrays, n_out: int):
-    """``fn(*arrays)`` (a tuple of ``n_out`` arrays, each with the inputs' leading axis)
-    computed on blocks of the leading axis on :func:`~kfc_ref.backend.parallel_rows` threads
-    and concatenated: for NumPy passes that act per map."""
-    results = {}
-
-    def block(r0, r1):
-        results[r0] = fn(*(a[r0:r1] for a in arrays))
-    parallel_rows(block, arrays[0].shape[0], arrays[0].size)
-    if len(results) == 1:
-        return results[0]
-    xp = get_xp(*arrays)
-    keys = sorted(results)
-    return tuple(xp.concatenate([results[k][i] for k in keys]) for i in range(n_out))
-
-
 class AvgPool2d(_Pool):
     """Mean over each window of the cells that lie inside the input (cuda-convnet divides a
     partial border window by the number of cells it covers)."""
@@ -329,8 +302,8 @@ class AvgPool2d(_Pool):
             win = xp.take(_pad(x, 0, 0, 0, 0.0).reshape(-1), index)
             return xp.sum(win * self._weights(x, h, w, ho, wo), axis=-1)
         xpad = _pad(x, 0, eh, ew, 0.0)
-        r = _sum_views([self._cols(xpad, v, wo) for v in range(self.size)])
-        out = _sum_views([self._rows(r, u, ho) for u in range(self.size)])
+        r = sum_views([self._cols(xpad, v, wo) for v in range(self.size)])
+        out = sum_views([self._rows(r, u, ho) for u in range(self.size)])
         out /= self._counts(x, h, w, ho, wo)
         return out
 
@@ -340,7 +313,7 @@ class AvgPool2d(_Pool):
         if few_launches(get_xp(x)):
             out = self._average(x, ho, wo, eh, ew)
         else:
-            out = _row_blocks(lambda xb: (self._average(xb, ho, wo, eh, ew),), (x,), 1)[0]
+            out = row_blocks(lambda xb: (self._average(xb, ho, wo, eh, ew),), (x,), 1)[0]
         return out, (x.shape, eh, ew, (ho, wo))
 
     def backward(self, dout, cache, W=None):
@@ -351,7 +324,7 @@ class AvgPool2d(_Pool):
             dx = xp.zeros((a, b, h, w), dtype=dout.dtype)
             scatter_add(dx, index, dout[..., None] * self._weights(dout, h, w, ho, wo))
             return dx, None
-        return _row_blocks(lambda d: (self._separable_backward(d, cache),), (dout,), 1)[0], None
+        return row_blocks(lambda d: (self._separable_backward(d, cache),), (dout,), 1)[0], None
 
     def _separable_backward(self, dout, cache):
         """Adjoint of the separable sums (NumPy), for a block of maps."""
@@ -372,124 +345,4 @@ class AvgPool2d(_Pool):
         _, eh, ew, (ho, wo) = cache
         if few_launches(get_xp(dx)):
             return self._average(dx, ho, wo, eh, ew)
-        return _row_blocks(lambda d: (self._average(d, ho, wo, eh, ew),), (dx,), 1)[0]
-
-
-class ResponseNorm(Layer):
-    """cuda-convnet ``rnorm``: y = x / (1 + scale/size^2 * sum_{size x size window} x^2)^power.
-
-    The window is centred (offsets -(size//2) .. size-1-size//2 on each axis), within one map,
-    and cells outside the map contribute 0.  Default constants are the CIFAR-10 "18%" net's
-    (size 3, scale 5e-5, power 0.75).  Writing D = 1 + c * box(x^2) with c = scale/size^2:
-    dx = dout * D^-p - 2 c p x * box^T(dout * x * D^(-p-1)).  The box sum is separable (a
-    1-D sum over columns, then over rows) on NumPy and one window gather times a constant
-    vector elsewhere; its field is written straight into a zero-bordered buffer (``out=``).
-    """
-
-    channel_major = True
-
-    def __init__(self, size: int = 3, scale: float = 5e-5, power: float = 0.75):
-        self.size = check_int("ResponseNorm: size", size, minimum=1)
-        self.scale = check_number("ResponseNorm: scale", scale, minimum=0.0)
-        self.power = check_number("ResponseNorm: power", power, minimum=0.0)
-
-    def _padded(self, z):
-        """A zero (A, B, H + 2 lo, W + 2 lo) array (lo = size // 2, the widest reach of the
-        window and of its transpose) and its interior view, into which the caller writes the
-        field to be box-summed."""
-        xp = get_xp(z)
-        a, b, h, w = z.shape
-        lo = self.size // 2
-        buf = xp.zeros((a, b, h + 2 * lo, w + 2 * lo), dtype=z.dtype)
-        return buf, buf[:, :, lo:lo + h, lo:lo + w]
-
-    def _box(self, buf, h, w, transpose=False, weight: float = 1.0):
-        """``weight`` times the sum over the window around each cell (or the transposed
-        window) of the field held in the interior of ``buf`` (from :meth:`_padded`).  NumPy:
-        separable, 2(size-1) additions and a scaling; elsewhere one gather of every window and
-        one product with the constant weight vector."""
-        xp = get_xp(buf)
-        lo = self.size // 2
-        offsets = range(-lo, self.size - lo)
-        starts = [lo - d if transpose else lo + d for d in offsets]
-        if few_launches(xp):
-            first, wp = min(starts), buf.shape[3]
-            a, b, hp, _ = buf.shape
-            shape = (a, b, h, w, self.size, self.size)
-            strides = (b * hp * wp, hp * wp, wp, 1, wp, 1)
-            win = strided_gather(buf, shape, strides, offset=first * wp + first)
-            ones = cached_index(xp, ("box", self.size, weight, str(buf.dtype)),
-                                lambda: _host_np.full(self.size ** 2, weight, buf.dtype))
-            return win.reshape(a, b, h, w, -1) @ ones
-        r = _sum_views([buf[:, :, :, s:s + w] for s in starts])
-        out = _sum_views([r[:, :, s:s + h] for s in starts])
-        if weight != 1.0:
-            out *= weight
-        return out
-
-    def _forward(self, x):
-        """(y, D, D^-p) of an (A, B, H, W) block."""
-        xp = get_xp(x)
-        c = self.scale / self.size ** 2
-        buf, inner = self._padded(x)
-        xp.multiply(x, x, out=inner)
-        denom = self._box(buf, *x.shape[2:], weight=c)
-        denom += 1
-        scale = denom ** (-self.power)
-        return x * scale, denom, scale
-
-    def _backward(self, dout, x, denom, scale):
-        xp = get_xp(dout)
-        c = self.scale / self.size ** 2
-        g = dout * scale
-        buf, inner = self._padded(x)
-        xp.multiply(g, x, out=inner)
-        inner /= denom
-        t = self._box(buf, *x.shape[2:], transpose=True, weight=2 * c * self.power)
-        t *= x
-        g -= t
-        return (g,)
-
-    def forward(self, x, W=None, ctx=None):
-        """NumPy: on blocks of maps in parallel threads (the windows stay inside a map)."""
-        _check_rank(x, 4, "ResponseNorm")
-        if few_launches(get_xp(x)):
-            y, denom, scale = self._forward(x)
-        else:
-            y, denom, scale = _row_blocks(self._forward, (x,), 3)
-        return y, (x, denom, scale)
-
-    def backward(self, dout, cache, W=None):
-        x, denom, scale = cache
-        if few_launches(get_xp(dout)):
-            return self._backward(dout, x, denom, scale)[0], None
-        return _row_blocks(self._backward, (dout, x, denom, scale), 1)[0], None
-
-    def _tangent(self, dx, x, denom, scale):
-        """dy = dx D^-p - 2 c p x D^-p box(x dx) / D of a block of maps."""
-        xp = get_xp(dx)
-        c = self.scale / self.size ** 2
-        buf, inner = self._padded(x)
-        xp.multiply(x, dx, out=inner)
-        t = self._box(buf, *x.shape[2:], weight=2 * c * self.power)
-        t *= x
-        t *= scale
-        t /= denom
-        return (dx * scale - t,)
-
-    def jvp(self, dx, cache, W=None, dW=None):
-        """NumPy: on blocks of maps in parallel threads."""
-        if few_launches(get_xp(dx)):
-            return self._tangent(dx, *cache)[0]
-        return _row_blocks(self._tangent, (dx, *cache), 1)[0]
-
-    def forward_jvp(self, x, dx, W=None, dW=None, ctx=None):
-        """NumPy, with a tangent: y and dy of each block of maps in one thread hand-off."""
-        if dx is None or few_launches(get_xp(x)):
-            return super().forward_jvp(x, dx, W, dW, ctx)
-        _check_rank(x, 4, "ResponseNorm")
-
-        def both(xb, db):
-            y, denom, scale = self._forward(xb)
-            return y, self._tangent(db, xb, denom, scale)[0]
-        return _row_blocks(both, (x, dx), 2)
+        return row_blocks(lambda d: (self._average(d, ho, wo, eh, ew),), (dx,), 1)[0]
