@@ -41,8 +41,9 @@ def _patch_blocks(xpad, geom: ConvGeometry, use, min_columns: int = 1):
     columns c0|T| : c1|T| of [[A]]^T gathered into a C-contiguous (J|Delta|, (c1-c0)|T|)
     buffer of about :data:`CHUNK_BYTES` (and at least ``min_columns`` columns); the runs are
     split over :func:`~kfc_ref.backend.parallel_rows` threads, one BLAS thread each, with a
-    buffer per thread.  ``use`` returns None or a tuple of arrays; the tuples are summed
-    (per thread, then over threads) and the sum returned (None when nothing was returned).
+    buffer per thread.  ``use`` returns None or a tuple of fresh arrays (they are summed in
+    place: per thread, then over threads in a fixed order) and the sum is returned (None when
+    nothing was returned).
     [[A]]^T itself (25x the input for a 5x5 kernel) is never written to memory: each block is
     built from the cached input and consumed by its GEMM while it is in cache."""
     xp = get_xp(xpad)
@@ -92,18 +93,17 @@ def conv_product(xpad, weights, geom: ConvGeometry, bias=None):
     i, n, t = weights.shape[0], xpad.shape[1], ho * wo
     if few_launches(xp):
         s = weights @ patch_matrix_of_padded(xpad, geom)
-    else:
-        s = xp.empty((i, n * t), dtype=xp.result_type(weights, xpad))
-
-        def product(block, c0, c1):
-            part = s[:, c0 * t:c1 * t]
-            xp.matmul(weights, block, out=part)
-            if bias is not None:
-                part += bias[:, None]              # while the block's output is in cache
-        _patch_blocks(xpad, geom, product)
+        if bias is not None:
+            s += bias[:, None]
         return s.reshape(i, n, ho, wo)
-    if bias is not None:
-        s += bias[:, None]
+    s = xp.empty((i, n * t), dtype=xp.result_type(weights, xpad))
+
+    def product(block, c0, c1):
+        part = s[:, c0 * t:c1 * t]
+        xp.matmul(weights, block, out=part)
+        if bias is not None:
+            part += bias[:, None]                  # while the block's output is in cache
+    _patch_blocks(xpad, geom, product)
     return s.reshape(i, n, ho, wo)
 
 
