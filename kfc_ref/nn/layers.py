@@ -108,9 +108,10 @@ class ConvCache:
     whether that layout is channel-major.
 
     [[A]]^T, |Delta| times larger, is not kept by the forward pass: ``matrix`` builds the
-    (J|Delta|, N|T|) matrix on first request (the KFC statistics, App. A) and keeps it;
-    the backward pass uses it when it exists and otherwise rebuilds cache-sized blocks from the
-    padded input.  ``cache[0]`` is the (N, |T|, J|Delta|) patches view."""
+    (J|Delta|, N|T|) matrix on first request (``patches``, read by the theory tools and
+    ``LayerRecord.patches``) and keeps it; the backward pass and the KFC statistics use it when
+    it exists and otherwise rebuild cache-sized blocks from the padded input.  ``cache[0]`` is
+    the (N, |T|, J|Delta|) patches view."""
 
     padded: object
     geom: ConvGeometry
@@ -240,8 +241,9 @@ class Conv2d(Layer):
 
     def backward(self, dout, cache, W=None, input_grad: bool = True, weight_grad: bool = True):
         """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(W^T DS^T) (Eq. 27).
-        Both are single GEMMs over all N|T| columns.  ``input_grad=False`` skips dx (returns
-        None): the network's first layer, whose input gradient nobody reads;
+        Both are products over all N|T| columns (:mod:`kfc_ref.nn.conv_products`: blockwise
+        from the padded input on NumPy, single GEMMs elsewhere).  ``input_grad=False`` skips
+        dx (returns None): the network's first layer, whose input gradient nobody reads;
         ``weight_grad=False`` skips dW_bar (the backward pass of the KFC statistics)."""
         xp = get_xp(dout, W)
         ds = self._ds_matrix(dout, cache)                         # DS^T, (I, N|T|)
