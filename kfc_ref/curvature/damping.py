@@ -66,7 +66,7 @@ def check_finite(named_arrays, when: str) -> None:
         "from the last good checkpoint with a smaller lr or a larger damping")
 
 
-def factor_pairs(factors):
+def _factor_pairs(factors):
     """(name, array) pairs of a list of KroneckerFactors-like objects, for check_finite."""
     return [pair for l, f in enumerate(factors)
             for pair in ((f"layer {l} Omega", f.Omega), (f"layer {l} Gamma", f.Gamma))]
@@ -129,12 +129,30 @@ def factored_inverse(Omega, Gamma, damping: float, weight_decay: float = 0.0,
 
 
 def factored_inverses(factors, damping: float, weight_decay: float = 0.0,
-                      use_pi: bool = True) -> list[FactoredInverse]:
-    """:func:`factored_inverse` of every layer's KroneckerFactors, with one finiteness check
-    (one host read) for all layers."""
-    check_finite(factor_pairs(factors), "before inversion")
-    return [factored_inverse(f.Omega, f.Gamma, damping, weight_decay, use_pi, check=False)
-            for f in factors]
+                      use_pi: bool = True, *, distribute=None) -> list[FactoredInverse]:
+    """:func:`factored_inverse` (Eq. 21) of every layer's KroneckerFactors, with one finiteness
+    check (one host read) for all layers.
+
+    ``distribute(count, compute, templates)`` says where the layers are inverted: it returns
+    [compute(0), ..., compute(count - 1)], each a list (Omega_inv, Gamma_inv, pi), and
+    ``templates(l)`` gives arrays of their shapes and dtypes (default: every layer here, in
+    order; data-parallel KFC-pre passes the round robin over ranks,
+    ``kfc_ref.optim.data_parallel.round_robin``)."""
+    check_finite(_factor_pairs(factors), "before inversion")
+
+    def invert(layer):
+        f = factors[layer]
+        inv = factored_inverse(f.Omega, f.Gamma, damping, weight_decay, use_pi, check=False)
+        return [inv.Omega_inv, inv.Gamma_inv, inv.pi]
+
+    def templates(layer):
+        f = factors[layer]
+        return [f.Omega, f.Gamma, get_xp(f.Omega).zeros((), dtype=f.Omega.dtype)]
+    if distribute is None:
+        parts = [invert(layer) for layer in range(len(factors))]
+    else:
+        parts = distribute(len(factors), invert, templates)
+    return [FactoredInverse(*arrays) for arrays in parts]
 
 
 @dataclass
@@ -182,7 +200,7 @@ def eigen_factors(Omega, Gamma, *, check: bool = True) -> EigenFactors:
 def eigen_decompositions(factors) -> list[EigenFactors]:
     """:func:`eigen_factors` of every layer's KroneckerFactors, with one finiteness check of
     all factors before and one of all decompositions after (two host reads in all)."""
-    check_finite(factor_pairs(factors), "before the eigendecomposition")
+    check_finite(_factor_pairs(factors), "before the eigendecomposition")
     eigs = [eigen_factors(f.Omega, f.Gamma, check=False) for f in factors]
     check_finite(_eigen_pairs(eigs), "after the eigendecomposition")
     return eigs

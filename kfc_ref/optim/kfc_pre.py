@@ -53,9 +53,7 @@ time stays below 2x SGD; the paper does not report its values) are the named con
 from __future__ import annotations
 
 from kfc_ref.backend import get_xp
-from kfc_ref.curvature.damping import (
-    FactoredInverse, check_finite, factor_pairs, factored_inverse,
-)
+from kfc_ref.curvature.damping import factored_inverses
 from kfc_ref.curvature.fvp import fisher_quadratic
 from kfc_ref.optim.data_parallel import BatchShard, round_robin
 from kfc_ref.optim.kronecker import EMA_MAX_DECAY, KroneckerOptimizerMixin
@@ -142,23 +140,13 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
         return {"velocity": [get_xp(w).zeros_like(w) for w in compact(net, params)]}
 
     def _refresh_inverses(self, state):
-        """Eq. 21's damped inverses of every layer (as ``curvature.damping.factored_inverses``);
+        """Eq. 21's damped inverses of every layer (``curvature.damping.factored_inverses``);
         with P ranks, layer l is inverted on rank l mod P and broadcast (tag "inverses"), after
         the same finiteness check on all.  One process counts the payload it would send."""
-        factors = state.factors
-        check_finite(factor_pairs(factors), "before inversion")
-
-        def invert(layer):
-            f = factors[layer]
-            inv = factored_inverse(f.Omega, f.Gamma, self.damping, self.weight_decay,
-                                   self.use_pi, check=False)
-            return [inv.Omega_inv, inv.Gamma_inv, inv.pi]
-
-        def shapes(layer):
-            f = factors[layer]
-            return [f.Omega, f.Gamma, get_xp(f.Omega).zeros((), dtype=f.Omega.dtype)]
-        state.inverses = [FactoredInverse(*arrays) for arrays in
-                          round_robin(len(factors), self.comm, invert, shapes, "inverses")]
+        state.inverses = factored_inverses(
+            state.factors, self.damping, self.weight_decay, self.use_pi,
+            distribute=lambda count, compute, templates: round_robin(
+                count, self.comm, compute, templates, "inverses"))
 
     def preconditioned_gradient(self, state, grads) -> list:
         """Eq. 22 with the stored damped inverses: Gamma_d^-1 G_l Omega_d^-1 per layer."""
@@ -166,9 +154,9 @@ class KFCPre(KroneckerOptimizerMixin, Optimizer):
 
     def update_norm(self, net, params, x, v, rng, shard: BatchShard | None = None):
         """nu = v^T F v + lambda v^T v with the exact F on a random ``nu_fraction`` of the
-        global mini-batch x (its own forward pass, in evaluation mode: no dropout, fused with
-        the forward-mode pass), as a 0-d
-        device array; each rank on its part of the subset, summed over ranks (tag "nu")."""
+        global mini-batch x (App. B.1; its own forward pass, in evaluation mode: no dropout,
+        fused with the forward-mode pass), as a 0-d device array; each rank on its part of the
+        subset, summed over ranks (tag "nu")."""
         shard = BatchShard.of(self.comm, x.shape[0], rng) if shard is None else shard
         idx = subset_indices(shard.n, self.nu_fraction, rng)
         positions, rows = shard.part_of(idx)
