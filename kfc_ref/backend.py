@@ -210,7 +210,7 @@ def _is_c_contiguous(a) -> bool:
 #: below this many entries work runs on the calling thread: a pool hand-off costs ~0.1 ms on
 #: a 2-core VM, the time of one elementwise pass over ~250k float32 entries, so the threads pay
 #: off from here for the layers' multi-pass blocks (pools, rnorm) and the conv blocks
-PARALLEL_COPY_MIN_SIZE = 1 << 18
+PARALLEL_MIN_SIZE = 1 << 18
 _POOL: dict = {}
 _POOL_LOCK = threading.Lock()
 
@@ -286,13 +286,13 @@ _ONE_BLAS_THREAD = _BlasThreads()
 def parallel_rows(fn, rows: int, size: int, threads: int | None = None,
                   gemm: bool = False) -> None:
     """Call ``fn(r0, r1)`` on disjoint ranges covering ``range(rows)``: on :func:`host_threads`
-    threads (or ``threads``) when the work touches ``size`` >= PARALLEL_COPY_MIN_SIZE entries,
+    threads (or ``threads``) when the work touches ``size`` >= PARALLEL_MIN_SIZE entries,
     else once on the calling thread.  For NumPy passes that write disjoint row blocks
     (NumPy releases the GIL in copies, ufuncs and GEMMs); exceptions propagate.  ``gemm=True``:
     the blocks run matrix products, each on one BLAS thread (:class:`_BlasThreads`)."""
     threads = host_threads() if threads is None else threads
     parts = min(threads, rows)
-    if parts < 2 or size < PARALLEL_COPY_MIN_SIZE:
+    if parts < 2 or size < PARALLEL_MIN_SIZE:
         fn(0, rows)
         return
     bounds = [(rows * i // parts, rows * (i + 1) // parts) for i in range(parts)]
@@ -361,14 +361,13 @@ def scatter_add(out, index, values) -> None:
 
 
 def spd_inverse(a):
-    """The inverse of a symmetric positive definite matrix.
+    """The inverse of a symmetric positive definite matrix: the damped factors of Eq. 21.
 
     NumPy: Cholesky factorisation and inversion through SciPy's LAPACK (``potrf``, ``potri``;
-    the result is exactly symmetric),
-    ~2.3x faster than ``numpy.linalg.inv`` on the CIFAR-10 net's 801 x 801 and 1025 x 1025
-    damped Omegas (float32, 2 cores); where the factorisation fails (not positive definite
-    in floating point, e.g. at a vanishing damping) it falls back to ``numpy.linalg.inv``,
-    as on every other namespace, whose ``linalg.inv`` is used throughout."""
+    the result is exactly symmetric), ~2.3x faster than ``numpy.linalg.inv`` on the CIFAR-10
+    net's 801 x 801 and 1025 x 1025 damped Omegas (float32, 2 cores).  Where the
+    factorisation fails (not positive definite in floating point, e.g. at a vanishing
+    damping), and on every other namespace, ``linalg.inv``."""
     xp = get_xp(a)
     if xp is _np and a.dtype in (_np.float32, _np.float64):
         from scipy.linalg import lapack

@@ -41,7 +41,7 @@ THREADED_COPY = pytest.mark.host_only("the threaded copy is the NumPy engine's (
 @THREADED_COPY
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_parallel_copy_equals_copyto(monkeypatch, threads):
-    monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
+    monkeypatch.setattr(backend, "PARALLEL_MIN_SIZE", 1)
     x = np.random.default_rng(0).normal(size=(5, 4, 9, 11)).astype("float32")
     src = x[:, :, ::2, 1::3]                   # a strided view, as im2col copies
     out = np.full(src.shape, np.nan, dtype=src.dtype)
@@ -59,7 +59,7 @@ def test_parallel_copy_negative_control(monkeypatch):
 
 @THREADED_COPY
 def test_threaded_im2col_equals_slice_twin(monkeypatch):
-    monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
+    monkeypatch.setattr(backend, "PARALLEL_MIN_SIZE", 1)
     x = np.random.default_rng(1).normal(size=(3, 4, 7, 6))
     geom = ConvGeometry(3, 2, stride=2, padding=1, dilation=1)
     np.testing.assert_array_equal(im2col_matrix(x, geom, channel_major=True),
@@ -112,7 +112,7 @@ def test_transposed_is_refused_for_strided_convs():
 def _force_blocks(monkeypatch, chunk_bytes, threads):
     """Every size runs threaded (``threads`` host threads) and blockwise (``chunk_bytes``
     per block: 1 gives one example per block)."""
-    monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
+    monkeypatch.setattr(backend, "PARALLEL_MIN_SIZE", 1)
     monkeypatch.setattr(backend, "host_threads", lambda: threads)
     monkeypatch.setattr(conv_products, "CHUNK_BYTES", chunk_bytes)
 
@@ -163,16 +163,21 @@ def test_blockwise_conv_product_and_gradient_equal_the_loops(monkeypatch, case, 
 
 @THREADED_COPY
 def test_blockwise_product_negative_control(monkeypatch):
-    """A block loop that skipped the last run of examples would leave their outputs
-    uninitialised: with one example per block, shifting the runs by one is caught."""
+    """A block loop that skipped the last example would leave its outputs unwritten: with
+    one example per block and fresh arrays filled with NaN (not whatever memory held), the
+    comparison with the loops catches it."""
     _force_blocks(monkeypatch, 1, 2)
     geom = ConvGeometry(3, 3, 1, 1)
     x, W = normal(0, 4, 2, 5, 5), normal(1, 3, 18)
-    good = conv_product(padded_input(x, geom), W, geom)
-    real = backend.parallel_rows
+    ref = conv2d_loops(x, W.reshape(3, 2, 3, 3), np.zeros(3), 1, 1, 1).transpose(1, 0, 2, 3)
+    real_parallel, real_empty = backend.parallel_rows, np.empty
+    monkeypatch.setattr(np, "empty", lambda shape, dtype=float: np.full(shape, np.nan, dtype))
+    np.testing.assert_allclose(conv_product(padded_input(x, geom), W, geom), ref, rtol=1e-12)
     monkeypatch.setattr(conv_products, "parallel_rows",
-                        lambda fn, rows, size, **kw: real(fn, rows - 1, size, **kw))
-    assert not np.allclose(conv_product(padded_input(x, geom), W, geom)[:, -1], good[:, -1])
+                        lambda fn, rows, size, **kw: real_parallel(fn, rows - 1, size, **kw))
+    skipped = conv_product(padded_input(x, geom), W, geom)
+    monkeypatch.setattr(np, "empty", real_empty)
+    assert np.isnan(skipped[:, -1]).all() and not np.isnan(skipped[:, :-1]).any()
 
 
 @THREADED_COPY
@@ -207,7 +212,7 @@ def test_one_blas_thread_per_block_and_restored(monkeypatch):
     libs = backend._ONE_BLAS_THREAD._controllers()
     if not libs:
         pytest.skip("threadpoolctl sees no BLAS library to limit")
-    monkeypatch.setattr(backend, "PARALLEL_COPY_MIN_SIZE", 1)
+    monkeypatch.setattr(backend, "PARALLEL_MIN_SIZE", 1)
     before = [lib.get_num_threads() for lib in libs]
     seen = []
 

@@ -5,6 +5,7 @@ initialisation from several mini-batches."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from kfc_ref.curvature.factors import (
     KroneckerFactors, moving_average, moving_average_decay, network_factors,
@@ -18,11 +19,9 @@ EMA_MAX_DECAY = 0.95
 
 
 def _num_locations(net, layer_index: int) -> int:
-    """|T| of a parametric layer: the spatial size of its output (1 for a dense layer)."""
-    size = 1
-    for s in net.shapes[layer_index + 1][1:]:
-        size *= s
-    return size
+    """|T| of a parametric layer from the network's shapes (no cache needed): the spatial size
+    of its output (1 for a dense layer)."""
+    return math.prod(net.shapes[layer_index + 1][1:])
 
 
 def estimate_factors(net, params, x, rng, fraction: float = 1.0, tape=None,
