@@ -234,10 +234,9 @@ class Conv2d(Layer):
     @staticmethod
     def _ds_matrix(dout, cache: ConvCache):
         """DS^T as an (I, N|T|) matrix from dout in the cache's layout."""
-        i = dout.shape[0] if cache.channel_major else dout.shape[1]
-        if not cache.channel_major:
-            dout = dout.transpose(1, 0, 2, 3)
-        return dout.reshape(i, -1)
+        if cache.channel_major:
+            return dout.reshape(dout.shape[0], -1)
+        return Conv2d.derivative_matrix(dout)
 
     def backward(self, dout, cache, W=None, input_grad: bool = True, weight_grad: bool = True):
         """dW_bar = DS^T [[A]]_H summed over examples (Eq. 28); dx = col2im(W^T DS^T) (Eq. 27).
